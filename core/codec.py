@@ -1,0 +1,81 @@
+"""Tensors on the wire: `{dtype, shape, bytes}` with raw little-endian buffers.
+
+Decoding is zero-copy: the returned tensor shares memory with the message
+bytes, so callers treat it as read-only (every consumer in dataselect makes a
+new tensor before changing anything, e.g. when normalising images).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from dataselect.errors import InvalidArgument
+from dataselect.v1 import selection_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# torch.frombuffer warns that protobuf's bytes are read-only; decoded tensors
+# are treated as read-only by design (see the module docstring).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+    raise ImportError("dataselect's wire format is little-endian; this machine is big-endian")
+
+
+def encode(tensor: torch.Tensor) -> pb.Tensor:
+    """Encode a CPU or device tensor as a wire Tensor (copies to host once)."""
+    if tensor.dtype not in DTYPE_NAMES:
+        raise InvalidArgument(f"cannot encode dtype {tensor.dtype}; supported: {', '.join(DTYPES)}")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        data = t.view(torch.int16).numpy().tobytes()
+    else:
+        data = t.numpy().tobytes()
+    return pb.Tensor(dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), data=data)
+
+
+def decode(msg: pb.Tensor, *, name: str = "tensor") -> torch.Tensor:
+    """Decode a wire Tensor, checking dtype and that the bytes match dtype x shape."""
+    if msg.dtype not in DTYPES:
+        raise InvalidArgument(
+            f"{name}: unknown dtype {msg.dtype!r}; use one of: {', '.join(DTYPES)}"
+        )
+    dtype = DTYPES[msg.dtype]
+    shape = tuple(int(s) for s in msg.shape)
+    if any(s < 0 for s in shape):
+        raise InvalidArgument(f"{name}: negative dimension in shape {list(shape)}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(msg.data) != numel * itemsize:
+        raise InvalidArgument(
+            f"{name}: {len(msg.data)} bytes do not match dtype {msg.dtype} x shape {list(shape)} "
+            f"(expected {numel * itemsize} bytes)"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(msg.data, dtype=dtype).reshape(shape)
+
+
+def is_set(msg: pb.Tensor) -> bool:
+    """True when an optional Tensor field was filled in."""
+    return bool(msg.dtype)

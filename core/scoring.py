@@ -1,0 +1,236 @@
+"""The scoring session: one strategy instance plus one model copy.
+
+The gRPC server keeps one `ScoringSession` per remote session; the trainer's
+embedded mode keeps one in-process. Both transports run this same code, so a
+strategy behaves identically with or without a server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from dataselect.checkpoint import load_state, validate
+from dataselect.engine import compute_signals, synchronize
+from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, PluginError
+from dataselect.models import build_model
+from dataselect.plugins import get_selector
+from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
+from dataselect.plugins.policies import POLICIES
+
+
+@dataclass
+class PoolChunk:
+    """Part of a candidate pool as it arrives (one message, or one piece of a stream)."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    inputs: torch.Tensor | None
+
+
+@dataclass
+class SelectResult:
+    selected_ids: torch.Tensor
+    weights: torch.Tensor | None
+    scores: torch.Tensor | None
+    checkpoint_version: int
+    compute_seconds: float
+    samples_scored: int
+
+
+class ScoringSession:
+    """Scores pools with a strategy and a copy of the trainer's model."""
+
+    def __init__(
+        self,
+        strategy: str,
+        options: dict[str, Any] | None,
+        model_name: str,
+        model_kwargs: dict[str, Any],
+        *,
+        num_classes: int,
+        seed: int = 0,
+        dataset: str = "",
+        dataset_size: int = 0,
+        policy: str = "",
+        device: torch.device | str = "cpu",
+        micro_batch: int = 1024,
+    ):
+        cls = get_selector(strategy)
+        if num_classes < 2:
+            raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
+        self.strategy = strategy
+        self.plugin_label = f"strategy {strategy!r}"
+        self.context = SessionContext(
+            num_classes=num_classes, dataset=dataset, dataset_size=dataset_size, seed=seed,
+            generator=torch.Generator().manual_seed(int(seed)),
+        )
+        try:
+            self.selector = cls(options or {}, self.context)
+        except DataselectError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{self.plugin_label} failed to start: {type(exc).__name__}: {exc}") from exc
+        if policy and policy not in POLICIES:
+            raise InvalidArgument(f"unknown policy {policy!r}; use one of: {', '.join(POLICIES)}")
+        self.policy = policy or cls.default_policy
+        self.device = torch.device(device)
+        self.micro_batch = micro_batch
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs)
+        self.model = build_model(model_name, **self.model_kwargs).to(self.device).eval()
+        self.signals = frozenset(cls.signals)
+        self.checkpoint_version: int | None = None
+        self.lock = threading.Lock()
+        self.last_used = time.monotonic()
+
+    # -- model updates -----------------------------------------------------------
+    def load_checkpoint(self, ckpt: Any, version: int) -> None:
+        """Load a checkpoint dict (already read with weights_only=True)."""
+        ckpt = validate(ckpt)
+        name = ckpt.get("model")
+        if name is not None and name != self.model_name:
+            raise InvalidArgument(f"checkpoint is for model {name!r} but this session was opened for {self.model_name!r}")
+        self.load_state_dict(ckpt["state_dict"], version)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
+        with self.lock:
+            load_state(self.model, state, model_name=self.model_name)
+            self.model.eval()
+            self.checkpoint_version = int(version)
+
+    # -- selection -----------------------------------------------------------------
+    def check_chunk(self, chunk: PoolChunk) -> None:
+        ids, labels, inputs = chunk.ids, chunk.labels, chunk.inputs
+        if ids.dim() != 1 or ids.dtype != torch.int64:
+            raise InvalidArgument(f"ids must be a 1-D int64 tensor, got {ids.dtype} of shape {list(ids.shape)}")
+        if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InvalidArgument(f"labels must be a 1-D integer tensor, got {labels.dtype} of shape {list(labels.shape)}")
+        if labels.shape[0] != ids.shape[0]:
+            raise InvalidArgument(f"ids ({ids.shape[0]}) and labels ({labels.shape[0]}) differ in length")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.context.num_classes):
+            raise InvalidArgument(f"labels must lie in [0, {self.context.num_classes}); got values from {int(labels.min())} to {int(labels.max())}")
+        if inputs is None:
+            if self.signals:
+                raise InvalidArgument(f"strategy {self.strategy!r} needs inputs, but the pool has none")
+            return
+        if inputs.shape[0] != ids.shape[0]:
+            raise InvalidArgument(f"ids ({ids.shape[0]}) and inputs ({inputs.shape[0]}) differ in length")
+        expected = (self.model_kwargs.get("in_channels"), self.model_kwargs.get("image_size"), self.model_kwargs.get("image_size"))
+        if inputs.dim() != 4 or (None not in expected and tuple(inputs.shape[1:]) != expected):
+            raise InvalidArgument(f"inputs must have shape [N, {expected[0]}, {expected[1]}, {expected[2]}] for this model, got {list(inputs.shape)}")
+        if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+            raise InvalidArgument("inputs contain NaN or Inf; clean the data (dataselect rejects non-finite inputs rather than scoring them)")
+
+    def select(
+        self,
+        chunks: Iterable[PoolChunk],
+        budget: int,
+        *,
+        progress: Progress | None = None,
+        policy: str = "",
+        return_scores: bool = False,
+    ) -> SelectResult:
+        """Score a pool given as one or more chunks and select `budget` of it."""
+        self.last_used = time.monotonic()
+        progress = progress or Progress()
+        policy = policy or self.policy
+        if policy not in POLICIES:
+            raise InvalidArgument(f"unknown policy {policy!r}; use one of: {', '.join(POLICIES)}")
+        if self.signals and self.checkpoint_version is None:
+            raise FailedPrecondition("no checkpoint loaded yet: upload one (UploadCheckpoint) before Select")
+        with self.lock:
+            t0 = time.perf_counter()
+            ids_parts, label_parts = [], []
+            signal_parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.signals}
+            for chunk in chunks:
+                self.check_chunk(chunk)
+                ids_parts.append(chunk.ids)
+                label_parts.append(chunk.labels.long())
+                if self.signals:
+                    got = compute_signals(self.model, chunk.inputs, chunk.labels, self.signals,
+                                          device=self.device, micro_batch=self.micro_batch)
+                    for k, v in got.items():
+                        signal_parts[k].append(v)
+            ids = torch.cat(ids_parts) if ids_parts else torch.empty(0, dtype=torch.long)
+            labels = torch.cat(label_parts) if label_parts else torch.empty(0, dtype=torch.long)
+            n = int(ids.numel())
+            if n == 0:
+                raise InvalidArgument("empty pool: send at least one candidate")
+            if budget <= 0 or budget > n:
+                raise InvalidArgument(f"budget must be in [1, pool size {n}], got {budget} (dataselect rejects rather than clamps)")
+            if torch.unique(ids).numel() != n:
+                raise InvalidArgument("duplicate ids in the pool: each candidate must appear once")
+            pool = Pool(ids=ids, labels=labels,
+                        signals={k: torch.cat(v) for k, v in signal_parts.items()}, progress=progress)
+            sel = self._run_strategy(pool, budget, policy)
+            synchronize(self.device)
+            elapsed = time.perf_counter() - t0
+        return SelectResult(
+            selected_ids=ids[sel.indices],
+            weights=sel.weights,
+            scores=sel.scores if return_scores else None,
+            checkpoint_version=-1 if self.checkpoint_version is None else self.checkpoint_version,
+            compute_seconds=elapsed,
+            samples_scored=n,
+        )
+
+    def _run_strategy(self, pool: Pool, budget: int, policy: str) -> Selection:
+        try:
+            sel = self.selector.select(pool, budget, policy)
+        except DataselectError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{self.plugin_label} raised {type(exc).__name__}: {exc}") from exc
+        return self._check_selection(sel, len(pool), budget)
+
+    def _check_selection(self, sel: Any, n: int, budget: int) -> Selection:
+        label = self.plugin_label
+        if not isinstance(sel, Selection):
+            raise PluginError(f"{label} returned {type(sel).__name__} instead of a Selection")
+        idx = torch.as_tensor(sel.indices).long().flatten()
+        if idx.numel() != budget:
+            raise PluginError(f"{label} selected {idx.numel()} samples for a budget of {budget}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise PluginError(f"{label} returned pool positions outside [0, {n})")
+        if torch.unique(idx).numel() != idx.numel():
+            raise PluginError(f"{label} selected the same sample twice")
+        if sel.scores is not None and not bool(torch.isfinite(sel.scores).all()):
+            raise PluginError(f"{label} produced NaN or infinite scores")
+        weights = None
+        if sel.weights is not None:
+            weights = torch.as_tensor(sel.weights).float().flatten()
+            if weights.numel() != budget or not bool(torch.isfinite(weights).all()):
+                raise PluginError(f"{label} returned {weights.numel()} weights (need {budget}, all finite)")
+        return Selection(indices=idx, weights=weights, scores=sel.scores)
+
+    # -- training-side statistics ------------------------------------------------
+    def report(self, ids: torch.Tensor, losses: torch.Tensor, true_class_probs: torch.Tensor | None,
+               correct: torch.Tensor | None, progress: Progress | None = None) -> float:
+        self.last_used = time.monotonic()
+        if ids.dim() != 1 or losses.shape != ids.shape:
+            raise InvalidArgument(f"report: ids {list(ids.shape)} and losses {list(losses.shape)} must be 1-D and aligned")
+        for name, t in (("true_class_probs", true_class_probs), ("correct", correct)):
+            if t is not None and t.shape != ids.shape:
+                raise InvalidArgument(f"report: {name} {list(t.shape)} must align with ids {list(ids.shape)}")
+        if not self.selector.uses_reports:
+            return 0.0
+        t0 = time.perf_counter()
+        with self.lock:
+            try:
+                self.selector.on_report(ids.long(), losses.float(), None if true_class_probs is None else true_class_probs.float(),
+                                        None if correct is None else correct.bool(), progress or Progress())
+            except DataselectError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"{self.plugin_label} raised {type(exc).__name__} on report: {exc}") from exc
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        with self.lock:
+            self.selector = None  # type: ignore[assignment]
+            self.model = None  # type: ignore[assignment]

@@ -1,0 +1,229 @@
+"""The plugin manager and the registries it fills.
+
+Built-in strategies and models are ordinary plugins registered through the
+same hooks a third-party package implements; third-party plugins are found
+through the `dataselect` entry-point group. `DATASELECT_PLUGINS` (a comma
+list of entry-point names) restricts which third-party plugins load;
+`DATASELECT_PLUGINS_DENY` excludes some. Loading is lazy and idempotent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+
+from dataselect.errors import InvalidArgument, NotFound, PluginError
+from dataselect.plugins import hookspecs
+from dataselect.plugins.base import MODES, SIGNALS, Selector
+from dataselect.plugins.policies import POLICIES
+
+ENTRY_POINT_GROUP = "dataselect"
+
+#: Modules of the built-in plugins, registered before any third-party one.
+DEFAULT_PLUGINS = (
+    "dataselect.plugins.builtin_models",
+    "dataselect.plugins.builtin_selectors",
+)
+
+pm = pluggy.PluginManager(hookspecs.PROJECT)
+pm.add_hookspecs(hookspecs)
+
+
+@dataclass
+class Registered:
+    obj: Any
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass
+class _State:
+    loaded: bool = False
+    selectors: dict[str, Registered] = field(default_factory=dict)
+    models: dict[str, Registered] = field(default_factory=dict)
+    #: plugin name -> (distribution, version)
+    plugins: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: plugin name -> error message for plugins that failed to load
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+_state = _State()
+_lock = threading.RLock()
+
+
+def _env_list(name: str) -> set[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+def load_plugins() -> None:
+    """Register built-in plugins and installed entry points (once)."""
+    with _lock:
+        if _state.loaded:
+            return
+        from dataselect import __version__
+
+        for modname in DEFAULT_PLUGINS:
+            if pm.get_plugin(modname) is None:
+                pm.register(importlib.import_module(modname), name=modname)
+            _state.plugins[modname] = ("dataselect", __version__)
+        allow = _env_list("DATASELECT_PLUGINS")
+        deny = _env_list("DATASELECT_PLUGINS_DENY") or set()
+        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+            if (allow is not None and ep.name not in allow) or ep.name in deny:
+                continue
+            if pm.get_plugin(ep.name) is not None:
+                continue
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.name if dist is not None else "?"
+            dist_version = dist.version if dist is not None else "?"
+            try:
+                module = ep.load()
+                pm.register(module, name=ep.name)
+                pm.check_pending()
+            except Exception as exc:  # a broken plugin must not stop the rest
+                if pm.get_plugin(ep.name) is not None:
+                    pm.unregister(name=ep.name)
+                _state.failed[ep.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            _state.plugins[ep.name] = (dist_name, dist_version)
+        _state.loaded = True
+        _collect()
+
+
+def _collect() -> None:
+    """Run the registration hooks and rebuild the registries."""
+    selectors: dict[str, Registered] = {}
+    models: dict[str, Registered] = {}
+    for plugin_name in list(_state.plugins):
+        plugin = pm.get_plugin(plugin_name)
+        if plugin is None:
+            continue
+        dist, version = _state.plugins[plugin_name]
+        try:
+            _run_hook(plugin, plugin_name, "register_selectors", _selector_register(selectors, plugin_name, dist, version))
+            _run_hook(plugin, plugin_name, "register_models", _model_register(models, plugin_name, dist, version))
+        except InvalidArgument:
+            raise
+        except Exception as exc:
+            _state.failed[plugin_name] = f"{type(exc).__name__}: {exc}"
+    _state.selectors = selectors
+    _state.models = models
+
+
+def _run_hook(plugin: Any, plugin_name: str, hook: str, register: Callable) -> None:
+    impls = [i for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin is plugin]
+    for impl in impls:
+        impl.function(register=register) if "register" in impl.argnames else impl.function()
+
+
+def _selector_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
+    def register(cls: type) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Selector)):
+            raise InvalidArgument(f"plugin {plugin!r} registered {cls!r}, which is not a Selector subclass")
+        if not cls.name or not cls.name.replace("_", "").replace("-", "").isalnum():
+            raise InvalidArgument(f"plugin {plugin!r}: selector {cls.__name__} needs a name of letters, digits, '_' or '-'")
+        if cls.name in into:
+            raise InvalidArgument(
+                f"strategy name {cls.name!r} registered twice: by {into[cls.name].plugin!r} and by {plugin!r}"
+            )
+        if cls.default_mode not in MODES:
+            raise InvalidArgument(f"plugin {plugin!r}: {cls.name}.default_mode must be one of {', '.join(MODES)}")
+        if cls.default_policy not in POLICIES:
+            raise InvalidArgument(f"plugin {plugin!r}: {cls.name}.default_policy must be one of {', '.join(POLICIES)}")
+        unknown = set(cls.signals) - set(SIGNALS)
+        if unknown:
+            raise InvalidArgument(f"plugin {plugin!r}: {cls.name} asks for unknown signals {sorted(unknown)}; known: {', '.join(SIGNALS)}")
+        into[cls.name] = Registered(cls, plugin, dist, version)
+
+    return register
+
+
+def _model_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
+    def register(name: str, builder: Callable) -> None:
+        if not callable(builder):
+            raise InvalidArgument(f"plugin {plugin!r}: model {name!r} builder is not callable")
+        if name in into:
+            raise InvalidArgument(f"model name {name!r} registered twice: by {into[name].plugin!r} and by {plugin!r}")
+        into[name] = Registered(builder, plugin, dist, version)
+
+    return register
+
+
+def register_plugin(plugin: Any, name: str) -> None:
+    """Register a plugin object at run time (tests, notebooks). Undo with `unregister_plugin`."""
+    with _lock:
+        load_plugins()
+        pm.register(plugin, name=name)
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            pm.unregister(name=name)
+            raise PluginError(f"plugin {name!r}: {exc}") from None
+        _state.plugins[name] = ("(runtime)", "")
+        try:
+            _collect()
+        except Exception:
+            pm.unregister(name=name)
+            del _state.plugins[name]
+            _collect()
+            raise
+
+
+def unregister_plugin(name: str) -> None:
+    with _lock:
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+        _state.plugins.pop(name, None)
+        _state.failed.pop(name, None)
+        _collect()
+
+
+def get_selector(name: str) -> type[Selector]:
+    """The strategy class registered under `name`; unknown names list the known ones."""
+    load_plugins()
+    try:
+        return _state.selectors[name].obj
+    except KeyError:
+        raise NotFound(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(_state.selectors))}") from None
+
+
+def selectors() -> dict[str, Registered]:
+    load_plugins()
+    return dict(sorted(_state.selectors.items()))
+
+
+def get_model_builder(name: str) -> Callable:
+    load_plugins()
+    try:
+        return _state.models[name].obj
+    except KeyError:
+        raise NotFound(f"unknown model {name!r}; known models: {', '.join(sorted(_state.models))}") from None
+
+
+def models() -> dict[str, Registered]:
+    load_plugins()
+    return dict(sorted(_state.models.items()))
+
+
+def plugins() -> list[dict[str, Any]]:
+    """Loaded plugins (name, distribution, version, hooks) and the ones that failed."""
+    load_plugins()
+    out = []
+    for name, (dist, version) in _state.plugins.items():
+        plugin = pm.get_plugin(name)
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or []) if plugin is not None else []
+        out.append({"name": name, "distribution": dist, "version": version, "hooks": hooks, "error": _state.failed.get(name)})
+    for name, err in _state.failed.items():
+        if name not in _state.plugins:
+            out.append({"name": name, "distribution": "?", "version": "?", "hooks": [], "error": err})
+    return out

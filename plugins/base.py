@@ -1,0 +1,206 @@
+"""The base class every selection strategy subclasses, and its options.
+
+A strategy declares which per-sample signals it needs (the signals engine
+computes them in one pass), turns them into scores (higher = selected
+first), and names its default selection policy and training mode. Stateful
+strategies keep per-sample state keyed by dataset id on `self`; the session
+keeps the instance alive across checkpoint updates and drops it on close.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from dataselect.errors import InvalidArgument
+
+MODES = ("online", "subset", "weighted")
+
+#: Signals the engine knows how to compute (see dataselect.engine).
+SIGNALS = (
+    "logits",
+    "loss",
+    "probs",
+    "features",
+    "grad_norm_last",
+    "grad_norm_full",
+    "input_grad_norm",
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One strategy option: its type, default and allowed values."""
+
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def parse(self, strategy: str, name: str, value: Any) -> Any:
+        """Convert `value` (a CLI string or a JSON value) to this option's type, or raise."""
+        kind = self.type.__name__
+        try:
+            if self.type is bool:
+                if isinstance(value, bool):
+                    parsed = value
+                elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                    parsed = True
+                elif isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                    parsed = False
+                else:
+                    raise ValueError
+            elif self.type is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                parsed = int(value)
+            elif self.type is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                parsed = float(value)
+                if not math.isfinite(parsed):
+                    raise ValueError
+            else:
+                if not isinstance(value, str):
+                    raise ValueError
+                parsed = value
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                f"strategy {strategy!r}: option {name}={value!r} is not a valid {kind}"
+            ) from None
+        if self.choices is not None and parsed not in self.choices:
+            raise InvalidArgument(
+                f"strategy {strategy!r}: option {name}={parsed!r} is not one of {', '.join(map(str, self.choices))}"
+            )
+        if self.min is not None and parsed < self.min:
+            raise InvalidArgument(f"strategy {strategy!r}: option {name}={parsed} must be >= {self.min}")
+        if self.max is not None and parsed > self.max:
+            raise InvalidArgument(f"strategy {strategy!r}: option {name}={parsed} must be <= {self.max}")
+        return parsed
+
+    def describe(self) -> dict:
+        out = {"type": self.type.__name__, "default": self.default, "help": self.help}
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        return out
+
+
+@dataclass
+class SessionContext:
+    """What a strategy knows about the session it lives in."""
+
+    num_classes: int
+    dataset: str = ""
+    dataset_size: int = 0
+    seed: int = 0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+@dataclass
+class Progress:
+    """Training progress at the time of a call."""
+
+    epoch: int = 0
+    step: int = 0
+    total_epochs: int = 0
+    fraction: float = 0.0
+
+
+@dataclass
+class Pool:
+    """A scored candidate pool: ids, labels and the signals the strategy asked for."""
+
+    ids: torch.Tensor  # int64 [n], CPU
+    labels: torch.Tensor  # int64 [n], CPU
+    signals: dict[str, torch.Tensor]  # each [n, ...], CPU
+    progress: Progress
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass
+class Selection:
+    """Positions into the pool to train on, with optional loss weights."""
+
+    indices: torch.Tensor  # int64 [k]
+    weights: torch.Tensor | None = None  # float32 [k]
+    scores: torch.Tensor | None = None  # float32 [n], whole pool
+
+
+class Selector:
+    """Base class for selection strategies.
+
+    Subclasses set the class attributes and override `score` (and, for
+    whole-pool logic, `select`; for training-side statistics, `on_report`).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: Training mode the trainer uses unless told otherwise: online|subset|weighted.
+    default_mode: ClassVar[str] = "online"
+    #: Selection policy applied to the scores: topk|class_balanced|sample|threshold.
+    default_policy: ClassVar[str] = "topk"
+    #: Signals the engine must compute for `score` (empty: no forward pass).
+    signals: ClassVar[frozenset[str]] = frozenset()
+    #: True when the strategy learns from training-side reports (Report RPC).
+    uses_reports: ClassVar[bool] = False
+    #: Declared options; anything else is rejected.
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, options: dict[str, Any] | None = None, context: SessionContext | None = None):
+        self.opts = self.resolve_options(options or {})
+        self.context = context or SessionContext(num_classes=0)
+
+    @classmethod
+    def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Apply defaults and validate; unknown names raise listing the known ones."""
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            known = ", ".join(sorted(cls.options)) or "none"
+            raise InvalidArgument(
+                f"strategy {cls.name!r} has no option {', '.join(unknown)}; known options: {known}"
+            )
+        resolved = {k: opt.default for k, opt in cls.options.items()}
+        for key, value in given.items():
+            resolved[key] = cls.options[key].parse(cls.name, key, value)
+        return resolved
+
+    @classmethod
+    def info(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "default_mode": cls.default_mode,
+            "default_policy": cls.default_policy,
+            "signals": sorted(cls.signals),
+            "uses_reports": cls.uses_reports,
+            "options": {k: v.describe() for k, v in cls.options.items()},
+        }
+
+    # -- the strategy's own logic -------------------------------------------------
+    def score(self, pool: Pool) -> torch.Tensor:
+        """Per-sample scores for the pool, float [n]; higher is selected first."""
+        raise NotImplementedError(f"strategy {self.name!r} does not implement score()")
+
+    def select(self, pool: Pool, budget: int, policy: str) -> Selection:
+        """Choose `budget` samples. The default scores the pool and applies the policy."""
+        from dataselect.plugins.policies import apply_policy
+
+        scores = self.score(pool)
+        return apply_policy(policy, scores, pool.labels, budget, self.context.generator)
+
+    def on_report(
+        self,
+        ids: torch.Tensor,
+        losses: torch.Tensor,
+        true_class_probs: torch.Tensor | None,
+        correct: torch.Tensor | None,
+        progress: Progress,
+    ) -> None:
+        """Training-side statistics for samples just trained on (default: ignored)."""

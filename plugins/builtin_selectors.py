@@ -1,0 +1,50 @@
+"""Built-in selection strategies, registered through the same hook a third party uses."""
+
+from __future__ import annotations
+
+import torch
+
+from dataselect.plugins.base import Pool, Selection, Selector
+from dataselect.plugins.hookspecs import hookimpl
+from dataselect.plugins.policies import apply_policy
+
+
+class RandomSelector(Selector):
+    """Uniform sample without replacement: the baseline. Needs no forward pass."""
+
+    name = "random"
+    description = "Uniform random sample without replacement (the baseline; no scoring pass)."
+    default_mode = "online"
+    default_policy = "topk"
+    signals = frozenset()
+
+    def score(self, pool: Pool) -> torch.Tensor:
+        # Random scores + top-k is a uniform draw without replacement.
+        return torch.rand(len(pool), generator=self.context.generator)
+
+    def select(self, pool: Pool, budget: int, policy: str) -> Selection:
+        # Any policy over random scores is still a uniform draw; keep weights at 1.
+        sel = apply_policy("topk" if policy == "sample" else policy, self.score(pool), pool.labels, budget, self.context.generator)
+        return sel
+
+
+class HighLossSelector(Selector):
+    """Jiang et al. 2019, "biggest losers": the highest per-sample cross-entropy first."""
+
+    name = "high_loss"
+    description = "Highest per-sample loss first (Jiang et al. 2019, seed 000)."
+    default_mode = "online"
+    default_policy = "topk"
+    signals = frozenset({"loss"})
+
+    def score(self, pool: Pool) -> torch.Tensor:
+        return pool.signals["loss"]
+
+
+BUILTIN_SELECTORS = [RandomSelector, HighLossSelector]
+
+
+@hookimpl
+def register_selectors(register):
+    for cls in BUILTIN_SELECTORS:
+        register(cls)
