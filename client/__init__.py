@@ -1,0 +1,1 @@
+"""The trainer: data, training loops, cost accounting and the `dataselect-train` CLI."""

@@ -1,0 +1,127 @@
+"""How the trainer talks to a scorer: one interface, two transports.
+
+`EmbeddedScorer` runs a `dataselect.scoring.ScoringSession` in-process;
+`dataselect.client.remote.RemoteScorer` talks gRPC to `dataselect-server`.
+The training loop only sees this interface, so embedded and remote runs go
+through the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dataselect.plugins.base import Progress
+from dataselect.scoring import PoolChunk, ScoringSession
+
+
+@dataclass
+class SessionSpec:
+    """Everything needed to open a scoring session."""
+
+    strategy: str
+    options: dict[str, Any]
+    model_name: str
+    model_kwargs: dict[str, Any]
+    num_classes: int
+    seed: int = 0
+    dataset: str = ""
+    dataset_size: int = 0
+    policy: str = ""
+
+
+@dataclass
+class SessionInfo:
+    """What the scorer told us about the session it opened."""
+
+    session_id: str
+    strategy: str
+    resolved_options: dict[str, Any]
+    default_mode: str
+    policy: str
+    device: str
+    signals: list[str]
+    uses_reports: bool
+
+
+@dataclass
+class ScoreReply:
+    selected_ids: torch.Tensor  # int64 [k]
+    weights: torch.Tensor | None  # float32 [k] or None (all ones)
+    scores: torch.Tensor | None
+    checkpoint_version: int
+    server_compute_seconds: float
+    samples_scored: int
+    #: time spent encoding, on the wire and decoding (0 for embedded)
+    transfer_seconds: float = 0.0
+
+
+@dataclass
+class ScorerCounters:
+    checkpoint_bytes: int = 0
+    checkpoint_pushes: int = 0
+    reconnects: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Scorer(Protocol):
+    info: SessionInfo
+    counters: ScorerCounters
+
+    def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:
+        """Make the scorer's model copy equal to `model` (tagged with `version`)."""
+
+    def select(self, ids: torch.Tensor, inputs: torch.Tensor | None, labels: torch.Tensor, budget: int,
+               progress: Progress, *, return_scores: bool = False) -> ScoreReply:
+        """Score a pool and return the selection (`inputs` may be None when no signals are needed)."""
+
+    def report(self, ids: torch.Tensor, losses: torch.Tensor, true_class_probs: torch.Tensor | None,
+               correct: torch.Tensor | None, progress: Progress) -> None:
+        """Send training-side per-sample statistics (only when `info.uses_reports`)."""
+
+    def close(self) -> None:
+        """End the session; idempotent."""
+
+
+class EmbeddedScorer:
+    """Scoring in the trainer's own process, on its own model copy."""
+
+    def __init__(self, spec: SessionSpec, *, device: torch.device | str = "cpu", micro_batch: int = 1024):
+        self.session = ScoringSession(
+            spec.strategy, spec.options, spec.model_name, spec.model_kwargs,
+            num_classes=spec.num_classes, seed=spec.seed, dataset=spec.dataset,
+            dataset_size=spec.dataset_size, policy=spec.policy, device=device, micro_batch=micro_batch,
+        )
+        cls = type(self.session.selector)
+        self.info = SessionInfo(
+            session_id="embedded", strategy=spec.strategy, resolved_options=dict(self.session.selector.opts),
+            default_mode=cls.default_mode, policy=self.session.policy, device=str(self.session.device),
+            signals=sorted(cls.signals), uses_reports=cls.uses_reports,
+        )
+        self.counters = ScorerCounters()
+
+    def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:
+        # In-process there is nothing to serialise: copy the weights into the scoring copy.
+        self.session.load_state_dict(model.state_dict(), version)
+        self.counters.checkpoint_pushes += 1
+
+    def select(self, ids, inputs, labels, budget, progress, *, return_scores=False) -> ScoreReply:
+        res = self.session.select([PoolChunk(ids=ids, labels=labels, inputs=inputs)], budget,
+                                  progress=progress, return_scores=return_scores)
+        return ScoreReply(res.selected_ids, res.weights, res.scores, res.checkpoint_version,
+                          res.compute_seconds, res.samples_scored)
+
+    def report(self, ids, losses, true_class_probs, correct, progress) -> None:
+        self.session.report(ids, losses, true_class_probs, correct, progress)
+
+    def close(self) -> None:
+        if self.session.model is not None:
+            self.session.close()
+
+
+def now() -> float:
+    return time.perf_counter()
