@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from dataselect.errors import InvalidArgument, NotFound, PluginError
+from dataselect.errors import InvalidArgument, PluginError
 from dataselect.plugins import hookspecs
 from dataselect.plugins.base import MODES, SIGNALS, Selector
 from dataselect.plugins.policies import POLICIES
@@ -194,7 +194,7 @@ def get_selector(name: str) -> type[Selector]:
     try:
         return _state.selectors[name].obj
     except KeyError:
-        raise NotFound(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(_state.selectors))}") from None
+        raise InvalidArgument(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(_state.selectors))}") from None
 
 
 def selectors() -> dict[str, Registered]:
@@ -207,7 +207,7 @@ def get_model_builder(name: str) -> Callable:
     try:
         return _state.models[name].obj
     except KeyError:
-        raise NotFound(f"unknown model {name!r}; known models: {', '.join(sorted(_state.models))}") from None
+        raise InvalidArgument(f"unknown model {name!r}; known models: {', '.join(sorted(_state.models))}") from None
 
 
 def models() -> dict[str, Registered]:
