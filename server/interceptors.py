@@ -1,0 +1,73 @@
+"""Exceptions become status codes here, and only here.
+
+Servicer methods raise `dataselect.errors` exceptions; this interceptor turns
+them into the matching code with the exception's message (which says what to
+fix). Anything unexpected becomes INTERNAL and is logged with its traceback;
+the server keeps serving because the exception never leaves the handler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from dataselect.errors import DataselectError
+from dataselect.server.status import status_for
+
+log = logging.getLogger("dataselect.server")
+
+SERVICE_PREFIX = "/dataselect.v1.Selection/"
+
+
+def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    code, message = status_for(exc)
+    if not isinstance(exc, DataselectError):
+        log.exception("%s failed unexpectedly", method)
+    elif code == grpc.StatusCode.INTERNAL:
+        log.error("%s: %s", method, message)
+    else:
+        log.info("%s: %s: %s", method, code.name, message)
+    context.abort(code, message)
+
+
+def _guard_unary(fn, method: str):
+    @functools.wraps(fn)
+    def wrapper(request, context):
+        try:
+            return fn(request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure must become a status
+            _abort(exc, context, method)
+
+    return wrapper
+
+
+def _guard_streaming_response(fn, method: str):
+    @functools.wraps(fn)
+    def wrapper(request, context):
+        try:
+            yield from fn(request, context)
+        except Exception as exc:  # noqa: BLE001
+            _abort(exc, context, method)
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Guards every method of dataselect.v1.Selection (health and reflection keep their own handling)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, method))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=_guard_unary(handler.stream_unary, method))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_guard_streaming_response(handler.unary_stream, method))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_guard_streaming_response(handler.stream_stream, method))
+        return handler
