@@ -16,7 +16,7 @@ import torch
 
 from dataselect.checkpoint import load_state, validate
 from dataselect.engine import compute_signals, synchronize
-from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, PluginError
+from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, NotFound, PluginError
 from dataselect.models import build_model
 from dataselect.plugins import get_selector
 from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
@@ -83,9 +83,10 @@ class ScoringSession:
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
         self.model = build_model(model_name, **self.model_kwargs).to(self.device).eval()
-        self.signals = frozenset(cls.signals)
+        self.signals = frozenset(self.selector.signals)
         self.checkpoint_version: int | None = None
         self.lock = threading.Lock()
+        self.closed = False
         self.last_used = time.monotonic()
 
     # -- model updates -----------------------------------------------------------
@@ -99,6 +100,7 @@ class ScoringSession:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
         with self.lock:
+            self._check_open()
             load_state(self.model, state, model_name=self.model_name)
             self.model.eval()
             self.checkpoint_version = int(version)
@@ -144,6 +146,7 @@ class ScoringSession:
         if self.signals and self.checkpoint_version is None:
             raise FailedPrecondition("no checkpoint loaded yet: upload one (UploadCheckpoint) before Select")
         with self.lock:
+            self._check_open()
             t0 = time.perf_counter()
             ids_parts, label_parts = [], []
             signal_parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.signals}
@@ -189,23 +192,35 @@ class ScoringSession:
         return self._check_selection(sel, len(pool), budget)
 
     def _check_selection(self, sel: Any, n: int, budget: int) -> Selection:
+        """Enforce the selection contract the strategy declares.
+
+        `exact_budget` (default True): exactly `budget` positions; False: 1..budget.
+        `with_replacement` (default False): positions are unique; True: repeats
+        are allowed and weights (one per position) are required.
+        """
         label = self.plugin_label
+        exact = bool(getattr(self.selector, "exact_budget", True))
+        repeats = bool(getattr(self.selector, "with_replacement", False))
         if not isinstance(sel, Selection):
             raise PluginError(f"{label} returned {type(sel).__name__} instead of a Selection")
         idx = torch.as_tensor(sel.indices).long().flatten()
-        if idx.numel() != budget:
+        if exact and idx.numel() != budget:
             raise PluginError(f"{label} selected {idx.numel()} samples for a budget of {budget}")
+        if not exact and not 1 <= idx.numel() <= budget:
+            raise PluginError(f"{label} selected {idx.numel()} samples; a variable selection must hold 1 to {budget}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise PluginError(f"{label} returned pool positions outside [0, {n})")
-        if torch.unique(idx).numel() != idx.numel():
+        if not repeats and torch.unique(idx).numel() != idx.numel():
             raise PluginError(f"{label} selected the same sample twice")
         if sel.scores is not None and not bool(torch.isfinite(sel.scores).all()):
             raise PluginError(f"{label} produced NaN or infinite scores")
+        if repeats and sel.weights is None:
+            raise PluginError(f"{label} draws with replacement and must return weights")
         weights = None
         if sel.weights is not None:
             weights = torch.as_tensor(sel.weights).float().flatten()
-            if weights.numel() != budget or not bool(torch.isfinite(weights).all()):
-                raise PluginError(f"{label} returned {weights.numel()} weights (need {budget}, all finite)")
+            if weights.numel() != idx.numel() or not bool(torch.isfinite(weights).all()):
+                raise PluginError(f"{label} returned {weights.numel()} weights (need {idx.numel()}, all finite)")
         return Selection(indices=idx, weights=weights, scores=sel.scores)
 
     # -- training-side statistics ------------------------------------------------
@@ -217,10 +232,11 @@ class ScoringSession:
         for name, t in (("true_class_probs", true_class_probs), ("correct", correct)):
             if t is not None and t.shape != ids.shape:
                 raise InvalidArgument(f"report: {name} {list(t.shape)} must align with ids {list(ids.shape)}")
-        if not self.selector.uses_reports:
-            return 0.0
         t0 = time.perf_counter()
         with self.lock:
+            self._check_open()
+            if not self.selector.uses_reports:
+                return 0.0
             try:
                 self.selector.on_report(ids.long(), losses.float(), None if true_class_probs is None else true_class_probs.float(),
                                         None if correct is None else correct.bool(), progress or Progress())
@@ -230,7 +246,13 @@ class ScoringSession:
                 raise PluginError(f"{self.plugin_label} raised {type(exc).__name__} on report: {exc}") from exc
         return time.perf_counter() - t0
 
+    def _check_open(self) -> None:
+        # Called under the lock: a call that raced a close must not touch freed state.
+        if self.closed:
+            raise NotFound("session closed: open a new session")
+
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             self.selector = None  # type: ignore[assignment]
             self.model = None  # type: ignore[assignment]
