@@ -100,7 +100,7 @@ class EmbeddedScorer:
         self.info = SessionInfo(
             session_id="embedded", strategy=spec.strategy, resolved_options=dict(self.session.selector.opts),
             default_mode=cls.default_mode, policy=self.session.policy, device=str(self.session.device),
-            signals=sorted(cls.signals), uses_reports=cls.uses_reports,
+            signals=sorted(self.session.signals), uses_reports=cls.uses_reports,
         )
         self.counters = ScorerCounters()
 

@@ -10,6 +10,9 @@ Signals (names are part of the plugin interface, see `plugins.base.SIGNALS`):
 * `grad_norm_last`: the per-sample gradient norm of the final linear layer
   `W h + b` under cross-entropy, in closed form from the same forward pass:
   ‖∇_W‖² + ‖∇_b‖² = ‖p − e_y‖² (‖h‖² + 1).
+* `boundary_margin` (DynaMS): signed distance of `h` to the nearest decision
+  boundary of the final layer, min_{c≠y} ((w_y − w_c)·h + b_y − b_c) / ‖w_y − w_c‖;
+  `logit_margin`: z_y − max_{c≠y} z_c. Both from the same forward pass.
 * `input_grad_norm`: ‖∂ℓ_i/∂x_i‖₂ over the [0, 1]-scaled input, from one
   backward pass of Σ ℓ_i (exact per sample in eval mode).
 * `grad_norm_full`: ‖∇_θ ℓ_i‖₂ over all parameters, with `torch.func`
@@ -27,7 +30,7 @@ from torch import nn
 from dataselect.errors import InvalidArgument
 from dataselect.models import to_unit_float
 
-FORWARD_SIGNALS = frozenset({"logits", "probs", "loss", "features", "grad_norm_last"})
+FORWARD_SIGNALS = frozenset({"logits", "probs", "loss", "features", "grad_norm_last", "boundary_margin", "logit_margin"})
 GRAD_SIGNALS = frozenset({"input_grad_norm"})
 PER_SAMPLE_GRAD_SIGNALS = frozenset({"grad_norm_full"})
 
@@ -46,6 +49,20 @@ def _forward_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wanted: f
         out["features"] = h.float()
     if wanted & {"loss"}:
         out["loss"] = F.cross_entropy(zf, y, reduction="none")
+    if wanted & {"boundary_margin", "logit_margin"}:
+        rows = torch.arange(y.numel(), device=y.device)
+        # z_y - z_c = (w_y - w_c)·h + b_y - b_c, so the logits give every numerator.
+        gap = zf[rows, y].unsqueeze(1) - zf
+        if "logit_margin" in wanted:
+            out["logit_margin"] = gap.index_put((rows, y), torch.tensor(float("inf"), device=zf.device)).min(1).values
+        if "boundary_margin" in wanted:
+            w = model.classifier.weight.float()
+            dist = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")  # [C, C], exact
+            # Identical class weights have no boundary between them; skip that class.
+            d = gap / dist[y].clamp_min(1e-12)
+            d = torch.where(dist[y] > 0, d, torch.full_like(d, float("inf")))
+            d[rows, y] = float("inf")
+            out["boundary_margin"] = d.min(1).values
     if wanted & {"probs", "grad_norm_last"}:
         p = zf.softmax(dim=1)
         if "probs" in wanted:

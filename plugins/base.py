@@ -28,6 +28,9 @@ SIGNALS = (
     "grad_norm_last",
     "grad_norm_full",
     "input_grad_norm",
+    # DynaMS margins need the final layer's weights, which only the engine holds.
+    "boundary_margin",
+    "logit_margin",
 )
 
 
@@ -152,10 +155,22 @@ class Selector:
     uses_reports: ClassVar[bool] = False
     #: Declared options; anything else is rejected.
     options: ClassVar[dict[str, Option]] = {}
+    #: True: `select` returns exactly `budget` positions. False: it returns
+    #: between 1 and `budget` (the budget is an upper bound), for strategies that
+    #: keep a variable number by nature (selective backprop, InfoBatch). The
+    #: session reads the *instance* attribute, so an option may change it.
+    exact_budget: ClassVar[bool] = True
+    #: True: positions may repeat (a draw with replacement, e.g. importance
+    #: sampling); the trainer must train on each occurrence. Such strategies
+    #: always return weights (one per drawn position).
+    with_replacement: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None, context: SessionContext | None = None):
         self.opts = self.resolve_options(options or {})
         self.context = context or SessionContext(num_classes=0)
+        # The signals this instance needs; a subclass whose signals depend on an
+        # option reassigns it (the class attribute is the default, shown in info()).
+        self.signals = frozenset(type(self).signals)
 
     @classmethod
     def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +195,8 @@ class Selector:
             "default_policy": cls.default_policy,
             "signals": sorted(cls.signals),
             "uses_reports": cls.uses_reports,
+            "exact_budget": cls.exact_budget,
+            "with_replacement": cls.with_replacement,
             "options": {k: v.describe() for k, v in cls.options.items()},
         }
 

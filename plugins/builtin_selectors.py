@@ -41,10 +41,14 @@ class HighLossSelector(Selector):
         return pool.signals["loss"]
 
 
-BUILTIN_SELECTORS = [RandomSelector, HighLossSelector]
+def _builtin_selectors() -> list[type[Selector]]:
+    # Imported here: the strategies import plugins.policies, which imports this package.
+    from dataselect.plugins.strategies import STRATEGIES
+
+    return [RandomSelector, HighLossSelector, *STRATEGIES]
 
 
 @hookimpl
 def register_selectors(register):
-    for cls in BUILTIN_SELECTORS:
+    for cls in _builtin_selectors():
         register(cls)

@@ -1,0 +1,19 @@
+"""The seed strategies beyond the baselines (registered by `plugins.builtin_selectors`)."""
+
+from dataselect.plugins.strategies.mrmc import MRMCSelector
+from dataselect.plugins.strategies.report_based import (
+    ImportanceSamplingSelector,
+    InfoBatchSelector,
+    SelectiveBackpropSelector,
+)
+from dataselect.plugins.strategies.signal_based import DynaMSSelector, HighGradientSelector, HighInfluenceSelector
+
+STRATEGIES = [
+    HighGradientSelector,
+    HighInfluenceSelector,
+    DynaMSSelector,
+    MRMCSelector,
+    ImportanceSamplingSelector,
+    SelectiveBackpropSelector,
+    InfoBatchSelector,
+]

@@ -1,0 +1,166 @@
+"""Strategy logic on hand-made pools and reports (no model needed except via sessions)."""
+
+import math
+
+import pytest
+import torch
+
+from dataselect.errors import InvalidArgument
+from dataselect.plugins import get_selector
+from dataselect.plugins.base import Pool, Progress, SessionContext
+from dataselect.plugins.strategies.mrmc import fit_reduction
+
+
+def make(name, **opts):
+    ctx = SessionContext(num_classes=3, generator=torch.Generator().manual_seed(0))
+    return get_selector(name)(opts, ctx)
+
+
+def pool(ids, labels=None, progress=None, **signals):
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    labels = torch.zeros_like(ids) if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    return Pool(ids=ids, labels=labels, signals=signals, progress=progress or Progress())
+
+
+def test_mrmc_fit_hand_computed():
+    # ℓ^(r) = q w^-r exactly, r = 1..4: q = 2, w = 2 -> φ = 2 (1 - 2^-4) = 1.875.
+    # Rising loss -> w clamped to 1 -> φ = 0; one epoch only -> φ = 0.
+    r = torch.arange(1, 5, dtype=torch.float64)
+    curves = torch.stack([2.0 * 2.0 ** -r, 3.0 * 1.5 ** -r, 0.5 * 1.2 ** r,
+                          torch.tensor([1.0, math.nan, math.nan, math.nan], dtype=torch.float64)])
+    phi = fit_reduction(curves, 4)
+    assert phi[0].item() == pytest.approx(1.875, rel=1e-9)
+    assert phi[1].item() == pytest.approx(3.0 * (1 - 1.5 ** -4), rel=1e-9)
+    assert phi[2].item() == 0.0 and phi[3].item() == 0.0
+
+
+def test_mrmc_reports_and_selection():
+    sel = make("mrmc", warmup_epochs=3, rho=1.0)
+    ids = torch.tensor([10, 11, 12])
+    for e in range(3):
+        losses = torch.tensor([1.0 * 2.0 ** -(e + 1), 4.0 * 1.1 ** -(e + 1), 1.0])
+        sel.on_report(ids, losses.float(), None, None, Progress(epoch=e))
+    phi = sel.reduction(ids)
+    assert phi[0].item() == pytest.approx(1 - 2 ** -3, rel=1e-5)
+    assert phi[1].item() == pytest.approx(4 * (1 - 1.1 ** -3), rel=1e-5)
+    out = sel.select(pool([12, 11, 10], features=torch.randn(3, 4)), 2, "topk")
+    assert out.indices.tolist() == [1, 2]  # id 11 (φ≈0.995), id 10 (φ=0.875); id 12 flat: φ=0
+
+
+def test_mrmc_balance_fills_budget_uniquely():
+    sel = make("mrmc", warmup_epochs=2, rho=0.3, gamma=2.0)
+    n = 40
+    ids = torch.arange(n)
+    for e in range(2):
+        sel.on_report(ids, torch.rand(n) + 0.1 * (2 - e), None, None, Progress(epoch=e))
+    p = pool(ids, labels=torch.arange(n) % 3, features=torch.randn(n, 5))
+    out = sel.select(p, 10, "topk")
+    assert out.indices.numel() == 10 and out.indices.unique().numel() == 10
+    # The first ceil(rho*k) are the plain top by φ.
+    phi = sel.reduction(ids).float()
+    assert set(out.indices[:3].tolist()) == set(torch.argsort(phi, descending=True)[:3].tolist())
+
+
+def test_selective_backprop_kept_fraction():
+    beta = 3.0
+    sel = make("selective_backprop", beta=beta, history=1024)
+    g = torch.Generator().manual_seed(1)
+    kept = total = 0
+    for step in range(400):
+        loss = torch.rand(64, generator=g) * 5
+        out = sel.select(pool(torch.arange(64) + 64 * step, loss=loss), 64, "topk")
+        kept += out.indices.numel()
+        total += 64
+    assert kept / total == pytest.approx(1 / (beta + 1), abs=0.02)
+
+
+def test_selective_backprop_respects_budget():
+    sel = make("selective_backprop", beta=0.0)  # F^0 = 1: keeps everything, capped by budget
+    out = sel.select(pool(torch.arange(20), loss=torch.rand(20)), 5, "topk")
+    assert out.indices.numel() == 5
+
+
+def test_infobatch_prunes_below_mean_and_rescales():
+    sel = make("infobatch", prune_ratio=0.5, anneal=0.875)
+    n = 100
+    ids = torch.arange(n)
+    losses = torch.linspace(0, 1, n)
+    sel.on_report(ids, losses, None, None, Progress(epoch=0))
+    out = sel.select(pool(ids, progress=Progress(epoch=1, total_epochs=10)), n, "topk")
+    low = losses < losses.mean()
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[out.indices] = True
+    assert bool(kept[~low].all()), "only below-mean samples may be pruned"
+    assert (~kept[low]).sum().item() == round(0.5 * low.sum().item())
+    w = dict(zip(out.indices.tolist(), out.weights.tolist()))
+    for i, wi in w.items():
+        assert wi == pytest.approx(2.0 if low[i] else 1.0)
+    # After anneal·epochs nothing is pruned and weights are 1.
+    late = sel.select(pool(ids, progress=Progress(epoch=9, total_epochs=10)), n, "topk")
+    assert late.indices.numel() == n and bool((late.weights == 1).all())
+
+
+def test_infobatch_unseen_never_pruned():
+    sel = make("infobatch")
+    sel.on_report(torch.arange(10), torch.linspace(0, 1, 10), None, None, Progress())
+    out = sel.select(pool(torch.arange(20), progress=Progress(epoch=0, total_epochs=4)), 20, "topk")
+    assert set(range(10, 20)) <= set(out.indices.tolist())
+
+
+def test_importance_sampling_draws_proportionally_after_warmup():
+    sel = make("importance_sampling", warmup_epochs=2, momentum=0.0, epsilon=0.1)
+    ids = torch.arange(4)
+    p_true = torch.tensor([1.0, 0.8, 0.5, 0.0])  # w = 0, .2, .5, 1
+    sel.on_report(ids, -p_true.log(), p_true, None, Progress(epoch=0))
+    warm = sel.select(pool(ids, progress=Progress(epoch=1)), 4, "topk")
+    assert sorted(warm.indices.tolist()) == [0, 1, 2, 3]
+    out = sel.select(pool(ids, progress=Progress(epoch=2)), 40000, "topk")
+    freq = torch.bincount(out.indices, minlength=4).double() / 40000
+    expect = (1 - p_true.double()) + 0.1
+    assert torch.allclose(freq, expect / expect.sum(), atol=0.01)
+    assert bool((out.weights == 1).all())
+
+
+def test_importance_sampling_ema_and_reweight():
+    sel = make("importance_sampling", momentum=0.5, epsilon=0.0, reweight=True, warmup_epochs=0)
+    ids = torch.arange(2)
+    sel.on_report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0))
+    sel.on_report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1))
+    q = sel.probabilities(ids)
+    assert torch.allclose(q, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    out = sel.select(pool(ids, progress=Progress(epoch=2)), 10, "topk")
+    assert torch.allclose(out.weights, torch.ones(10))  # 1/(N q) with q = 1/2
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("high_gradient", {"scope": "everything"}),
+    ("high_gradient", {"nope": 1}),
+    ("dynams", {"refresh": "often"}),
+    ("dynams", {"refresh": 0}),
+    ("mrmc", {"rho": 1.5}),
+    ("mrmc", {"warmup_epochs": 2.5}),
+    ("importance_sampling", {"reweight": "maybe"}),
+    ("selective_backprop", {"beta": "x"}),
+    ("infobatch", {"prune_ratio": 1.0}),
+])
+def test_options_validated(name, opts):
+    with pytest.raises(InvalidArgument):
+        make(name, **opts)
+
+
+def test_instance_signals_follow_options():
+    assert make("high_gradient").signals == {"grad_norm_last"}
+    assert make("high_gradient", scope="full").signals == {"grad_norm_full"}
+    assert make("dynams", kind="logit").signals == {"logit_margin"}
+    assert make("dynams", schedule="power").exact_budget is False
+
+
+def test_dynams_selects_smallest_margins_and_schedule():
+    sel = make("dynams")
+    m = torch.tensor([0.5, -1.0, 2.0, 0.1])
+    assert sel.select(pool(torch.arange(4), boundary_margin=m), 2, "topk").indices.tolist() == [1, 3]
+    sched = make("dynams", schedule="power", exponent=2.0)
+    p0 = pool(torch.arange(4), boundary_margin=m, progress=Progress(epoch=0, total_epochs=4))
+    p1 = pool(torch.arange(4), boundary_margin=m, progress=Progress(epoch=4, total_epochs=4))
+    assert sched.select(p0, 4, "topk").indices.numel() == 1
+    assert sched.select(p1, 4, "topk").indices.numel() == 4
