@@ -250,9 +250,19 @@ def aggregate(records: Sequence[RunRecord], target: float | None = None) -> list
             target=row_target,
             time_to_target=mean_std(reached),
             target_reached=len(reached),
-            errors=[f"seed{r.seed}: {r.error}" for r in runs if not r.ok],
+            errors=_grouped_errors(runs),
         ))
     return rows
+
+
+def _grouped_errors(runs: Sequence[RunRecord]) -> list[str]:
+    """'seed0, seed2: msg' per distinct error: a systematic failure (missing data) hits every
+    repeat with the same message, which should not fill the table n times."""
+    by_msg: dict[str, list[str]] = {}
+    for r in runs:
+        if not r.ok:
+            by_msg.setdefault(r.error or "failed", []).append(f"seed{r.seed}")
+    return [f"{', '.join(seeds)}: {msg}" for msg, seeds in by_msg.items()]
 
 
 def mean_curve(records: Sequence[RunRecord]) -> tuple[list[float], list[float], list[float]]:
@@ -406,10 +416,9 @@ def plot_accuracy_vs_time(records: Sequence[RunRecord], targets: dict[tuple[str,
                                     [a + s * 100 for a, s in zip(pct, stds)], color=colours[strategy], alpha=0.15)
             target = (targets or {}).get((dataset, model))
             if target is not None:
+                # In the legend rather than as text on the plot, where it would sit on the curves.
                 ax.axhline(target * 100, color="grey", linewidth=0.8, linestyle=":",
-                           label=f"_target {target * 100:.2f}%")
-                ax.annotate(f"target {target * 100:.2f}%", xy=(1, target * 100), xycoords=("axes fraction", "data"),
-                            ha="right", va="bottom", fontsize=8, color="grey")
+                           label=f"target {target * 100:.2f}%")
             ax.set_title(f"{dataset} / {model}")
             ax.set_xlabel("cumulative wall-clock (s)")
             ax.set_ylabel("test accuracy (%)")

@@ -247,7 +247,7 @@ def test_a_failing_run_is_recorded_and_the_rest_go_on(tmp_path, fake_trainer, mo
     assert err == "RuntimeError: fake trainer told to fail"
     assert any("FAILED" in ln and "high_loss/seed5" in ln for ln in lines)
     row = next(r for r in res.rows if r.strategy == "high_loss")
-    assert row.runs_ok == 0 and len(row.errors) == 2
+    assert row.runs_ok == 0 and row.errors == ["seed5, seed6: RuntimeError: fake trainer told to fail"]
     assert "fake trainer told to fail" in (cfg.output / "results.md").read_text()
     assert next(r for r in res.rows if r.strategy == "random").runs_ok == 2
     # A later resume retries the failed runs only, and a success clears error.txt.
@@ -277,8 +277,10 @@ def test_plots_show_one_line_per_strategy_and_stacked_costs(tmp_path, fake_train
     axes = fig.axes
     assert [a.get_title() for a in axes] == ["mnist / cnn-small", "mnist / cnn-deep"]
     for ax in axes:
-        curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("target")]
         assert [ln.get_label() for ln in curves] == ["full (n=2)", "random (n=2)", "high_loss (n=2)"]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert ("target 90.00%" in legend) == (ax.get_title() == "mnist / cnn-small")
         # Mean over the two seeds of the fake's per-epoch accuracies and cumulative seconds.
         hl = curves[2]
         assert list(hl.get_xdata()) == pytest.approx([1.0, 2.0])
