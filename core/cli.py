@@ -1,0 +1,129 @@
+"""The `dataselect` command: what is installed (strategies, plugins, models).
+
+Also home of `run_command`, which every dataselect console script uses so
+that errors look the same everywhere: one line `error: ...` on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import NoReturn
+
+import click
+
+from dataselect.errors import DataselectError
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print a one-line error and exit."""
+    one_line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip()) or "failed"
+    click.echo(f"error: {one_line}", err=True)
+    sys.exit(code)
+
+
+def run_command(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> NoReturn:
+    """Run a click command, turning usage errors and DataselectErrors into one `error:` line."""
+    prog = prog_name or command.name
+    try:
+        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
+    except click.UsageError as exc:
+        fail(f"{exc.format_message()} (see {prog} --help)", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("aborted", 130)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except DataselectError as exc:
+        fail(str(exc), 1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dataselect")
+def cli() -> None:
+    """Inspect what dataselect has installed.
+
+    Training is `dataselect-train`; the scoring service is `dataselect-server`.
+    """
+
+
+def _strategy_rows() -> list[dict]:
+    from dataselect.plugins import selectors
+
+    rows = []
+    for name, reg in selectors().items():
+        info = reg.obj.info()
+        rows.append({**info, "name": name, "plugin": reg.plugin, "distribution": reg.distribution, "version": reg.version})
+    return rows
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def strategies(as_json: bool) -> None:
+    """List the registered selection strategies.
+
+    Shows each strategy's description, default training mode and selection
+    policy, the signals it needs, its options, and the plugin (and
+    distribution) that registered it.
+    """
+    rows = _strategy_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}  [mode {row['default_mode']}, policy {row['default_policy']}]"
+                   f"  from {row['plugin']} ({row['distribution']} {row['version']})")
+        if row["description"]:
+            click.echo(f"    {row['description']}")
+        if row["signals"]:
+            click.echo(f"    signals: {', '.join(row['signals'])}")
+        for opt, spec in row["options"].items():
+            extra = f"; one of {', '.join(map(str, spec['choices']))}" if spec.get("choices") else ""
+            click.echo(f"    -o {opt}=<{spec['type']}> (default {spec['default']!r}{extra}) {spec.get('help', '')}".rstrip())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins: name, distribution, version, hooks, and load errors."""
+    from dataselect.plugins import plugins as loaded
+
+    rows = loaded()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        status = f"  ERROR: {row['error']}" if row.get("error") else ""
+        click.echo(f"{row['name']}  ({row['distribution']} {row['version']})  hooks: {', '.join(row['hooks']) or '-'}{status}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def models(as_json: bool) -> None:
+    """List the registered model architectures (`dataselect-train --model NAME`)."""
+    from dataselect.plugins import models as registered
+
+    rows = [{"name": name, "plugin": reg.plugin, "distribution": reg.distribution, "version": reg.version,
+             "description": (getattr(reg.obj, "__doc__", None) or "").strip().splitlines()[0:1]}
+            for name, reg in registered().items()]
+    for row in rows:
+        row["description"] = row["description"][0] if row["description"] else ""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<12} {row['description']}  (from {row['plugin']})")
+
+
+# `compare` (a table of several runs' summary.json files) will be added here.
+
+
+def main(args: list[str] | None = None) -> NoReturn:
+    run_command(cli, args, prog_name="dataselect")
+
+
+if __name__ == "__main__":
+    main()
