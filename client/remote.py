@@ -4,23 +4,40 @@ The twin of `dataselect.client.scorer.EmbeddedScorer`: same calls, same
 results for the same seed and weights, with the scoring done by the server's
 `ScoringSession`. Every call carries a deadline; status codes come back as
 the `dataselect.errors` class the server raised.
+
+Surviving a server restart: when a call finds the server UNAVAILABLE (or the
+server no longer knows the session: it restarted or the session expired), the
+scorer retries with exponential backoff for up to `retry_seconds`, reopens its
+session, re-uploads the last checkpoint it pushed and repeats the call; each
+such recovery counts in `counters.reconnects`. Server-side per-sample strategy
+state (loss histories and the like) starts afresh with the new session.
+With `on_server_failure="fallback"`, a server that stays unreachable for the
+whole retry budget is replaced by an in-process `EmbeddedScorer` for the rest
+of the run (one warning; `counters.extra["fallback"] == 1`).
+
+Authentication and TLS: `token` (or `token_file`, or env DATASELECT_TOKEN) is
+sent as `authorization: Bearer <token>` with every call; `tls_ca` (a PEM file
+of the CA that signed the server's certificate) makes the channel TLS.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import time
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import grpc
 import torch
 from torch import nn
 
 from dataselect import codec
-from dataselect.checkpoint import make_checkpoint, to_bytes
-from dataselect.client.scorer import ScoreReply, ScorerCounters, SessionInfo, SessionSpec
-from dataselect.errors import DataselectError
+from dataselect.checkpoint import from_bytes, make_checkpoint, to_bytes, validate
+from dataselect.client.scorer import EmbeddedScorer, ScoreReply, ScorerCounters, SessionInfo, SessionSpec
+from dataselect.errors import DataselectError, InvalidArgument, NotFound
 from dataselect.plugins.base import Progress
 from dataselect.server.status import error_for
 from dataselect.v1 import selection_pb2 as pb
@@ -28,10 +45,32 @@ from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 CHECKPOINT_CHUNK_BYTES = 2**20
+TOKEN_ENV = "DATASELECT_TOKEN"
+ON_SERVER_FAILURE = ("retry", "fallback")
+
+log = logging.getLogger("dataselect.client")
+T = TypeVar("T")
 
 
 class ServerUnavailable(DataselectError):
     """The scoring server cannot be reached or did not answer in time."""
+
+
+class _Unreachable(ServerUnavailable):
+    """UNAVAILABLE: the server is down or restarting (worth reconnecting; a slow server is not)."""
+
+
+def read_token_file(path: str | Path) -> str:
+    """The first token in a token file (one per line, '#' comments allowed)."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read token file {p}: {exc.strerror or exc}") from None
+    for line in lines:
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    raise InvalidArgument(f"token file {p} holds no token")
 
 
 def _port_of(address: str) -> str:
@@ -57,48 +96,98 @@ class RemoteScorer:
     """
 
     def __init__(self, address: str, spec: SessionSpec, *, timeout: float = 120.0, connect_timeout: float = 10.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = CHECKPOINT_CHUNK_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = CHECKPOINT_CHUNK_BYTES,
+                 token: str | None = None, token_file: str | Path | None = None, tls_ca: str | Path | None = None,
+                 retry_seconds: float = 60.0, on_server_failure: str = "retry",
+                 fallback_device: str | torch.device = "cpu"):
+        if on_server_failure not in ON_SERVER_FAILURE:
+            raise InvalidArgument(f"on_server_failure must be one of {', '.join(ON_SERVER_FAILURE)}, got {on_server_failure!r}")
         self.address = address
         self.spec = spec
         self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
         self.max_message_bytes = int(max_message_bytes)
         # A chunk must fit in one message whatever limit the caller chose.
         self.chunk_bytes = max(1, min(int(chunk_bytes), self.max_message_bytes // 2))
+        self.retry_seconds = float(retry_seconds)
+        self.on_server_failure = on_server_failure
+        self.fallback_device = fallback_device
         self.counters = ScorerCounters()
         self._closed = False
+        self._fallback: EmbeddedScorer | None = None
+        self._last_checkpoint: tuple[bytes, int] | None = None  # (bytes, version) of the latest push
+        if token is None and token_file is not None:
+            token = read_token_file(token_file)
+        if token is None:
+            token = os.environ.get(TOKEN_ENV, "").strip() or None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_send_message_length", self.max_message_bytes),
+                   ("grpc.max_receive_message_length", self.max_message_bytes),
+                   # Notice a restarted server within about a second, not grpc's default of up to 2 minutes.
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
         self._resources = contextlib.ExitStack()
-        self._channel = self._resources.enter_context(grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-        ]))
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
-        except grpc.FutureTimeoutError:
-            self._resources.close()
-            self._closed = True
-            raise ServerUnavailable(self._unreachable()) from None
+        if tls_ca is not None:
+            try:
+                ca = Path(tls_ca).read_bytes()
+            except OSError as exc:
+                raise InvalidArgument(f"cannot read tls_ca {tls_ca}: {exc.strerror or exc}") from None
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        self._channel = self._resources.enter_context(channel)
         self._stub = pb_grpc.SelectionStub(self._channel)
         try:
-            resp = self._call(self._stub.OpenSession, pb.OpenSessionRequest(
-                strategy=spec.strategy, options_json=json.dumps(spec.options or {}),
-                model=pb.ModelSpec(name=spec.model_name, kwargs_json=json.dumps(spec.model_kwargs)),
-                seed=spec.seed, num_classes=spec.num_classes, dataset=spec.dataset,
-                dataset_size=spec.dataset_size, policy=spec.policy,
-            ))
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+            except grpc.FutureTimeoutError:
+                raise _Unreachable(self._unreachable()) from None
+            self.info = self._open()
+        except ServerUnavailable as exc:
+            if on_server_failure != "fallback":
+                self._resources.close()
+                self._closed = True
+                raise
+            self._switch_to_fallback(exc)
         except BaseException:
             self._resources.close()
             self._closed = True
             raise
-        self.info = SessionInfo(
+
+    def _open(self) -> SessionInfo:
+        spec = self.spec
+        resp = self._call(self._stub.OpenSession, pb.OpenSessionRequest(
+            strategy=spec.strategy, options_json=json.dumps(spec.options or {}),
+            model=pb.ModelSpec(name=spec.model_name, kwargs_json=json.dumps(spec.model_kwargs)),
+            seed=spec.seed, num_classes=spec.num_classes, dataset=spec.dataset,
+            dataset_size=spec.dataset_size, policy=spec.policy,
+        ))
+        return SessionInfo(
             session_id=resp.session_id, strategy=resp.strategy,
             resolved_options=json.loads(resp.resolved_options_json or "{}"), default_mode=resp.default_mode,
             policy=resp.policy, device=resp.device, signals=list(resp.signals), uses_reports=resp.uses_reports,
         )
 
+    @property
+    def fallen_back(self) -> bool:
+        """True once scoring runs in-process because the server could not be reached."""
+        return self._fallback is not None
+
     # -- the Scorer interface -----------------------------------------------------------
     def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:
+        if self._fallback is not None:
+            self._fallback.push_checkpoint(model, version, step)
+            self.counters.checkpoint_pushes += 1
+            return
         data = to_bytes(make_checkpoint(self.spec.model_name, self.spec.model_kwargs, model, version=version, step=step))
+        self._last_checkpoint = (data, int(version))
+        if self._resilient(lambda: self._upload(data, version), uploads_checkpoint=True) is _FELL_BACK:
+            self.counters.checkpoint_pushes += 1
+            return
+        self.counters.checkpoint_bytes += len(data)
+        self.counters.checkpoint_pushes += 1
 
+    def _upload(self, data: bytes, version: int) -> None:
         def chunks() -> Iterator[pb.CheckpointChunk]:
             yield pb.CheckpointChunk(session_id=self.info.session_id, version=version, total_bytes=len(data),
                                      data=data[:self.chunk_bytes])
@@ -106,11 +195,16 @@ class RemoteScorer:
                 yield pb.CheckpointChunk(data=data[start:start + self.chunk_bytes])
 
         self._call(self._stub.UploadCheckpoint, chunks())
-        self.counters.checkpoint_bytes += len(data)
-        self.counters.checkpoint_pushes += 1
 
     def select(self, ids: torch.Tensor, inputs: torch.Tensor | None, labels: torch.Tensor, budget: int,
                progress: Progress, *, return_scores: bool = False) -> ScoreReply:
+        if self._fallback is None:
+            reply = self._resilient(lambda: self._select(ids, inputs, labels, budget, progress, return_scores))
+            if reply is not _FELL_BACK:
+                return reply
+        return self._fallback.select(ids, inputs, labels, budget, progress, return_scores=return_scores)
+
+    def _select(self, ids, inputs, labels, budget, progress, return_scores) -> ScoreReply:
         t0 = time.perf_counter()
         # Strategies without signals never look at the images: do not ship them.
         send_inputs = inputs if self.info.signals else None
@@ -133,22 +227,31 @@ class RemoteScorer:
 
     def report(self, ids: torch.Tensor, losses: torch.Tensor, true_class_probs: torch.Tensor | None,
                correct: torch.Tensor | None, progress: Progress) -> None:
-        req = pb.ReportRequest(session_id=self.info.session_id, ids=codec.encode(ids.long()),
-                               losses=codec.encode(losses.float()), progress=_progress_msg(progress))
-        if true_class_probs is not None:
-            req.true_class_probs.CopyFrom(codec.encode(true_class_probs.float()))
-        if correct is not None:
-            req.correct.CopyFrom(codec.encode(correct.bool()))
-        self._call(self._stub.Report, req)
+        if self._fallback is None:
+            def send():
+                req = pb.ReportRequest(session_id=self.info.session_id, ids=codec.encode(ids.long()),
+                                       losses=codec.encode(losses.float()), progress=_progress_msg(progress))
+                if true_class_probs is not None:
+                    req.true_class_probs.CopyFrom(codec.encode(true_class_probs.float()))
+                if correct is not None:
+                    req.correct.CopyFrom(codec.encode(correct.bool()))
+                self._call(self._stub.Report, req)
+
+            if self._resilient(send) is not _FELL_BACK:
+                return
+        self._fallback.report(ids, losses, true_class_probs, correct, progress)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._fallback is not None:
+            self._fallback.close()
         try:
             # Best effort: the server may already be gone, and then the session is gone with it.
-            self._stub.CloseSession(pb.CloseSessionRequest(session_id=self.info.session_id),
-                                    timeout=min(self.timeout, 5.0))
+            if self._fallback is None:
+                self._stub.CloseSession(pb.CloseSessionRequest(session_id=self.info.session_id),
+                                        timeout=min(self.timeout, 5.0), metadata=self._metadata)
         except grpc.RpcError:
             pass
         finally:
@@ -159,6 +262,66 @@ class RemoteScorer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- surviving restarts ------------------------------------------------------------
+    def _resilient(self, op: Callable[[], T], *, uploads_checkpoint: bool = False) -> T | object:
+        """Run `op`; on UNAVAILABLE (or a session the server lost) reconnect with backoff and run it again.
+
+        Returns `_FELL_BACK` when the retry budget ran out and scoring moved in-process.
+        """
+        if self.retry_seconds <= 0:
+            return op()
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        lost: DataselectError | None = None
+        while True:
+            if lost is None:
+                try:
+                    return op()
+                except _Unreachable as exc:
+                    lost = exc
+                except NotFound as exc:
+                    # The server restarted between two calls, or the session idled out (--session-ttl).
+                    lost = exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if self.on_server_failure == "fallback":
+                    self._switch_to_fallback(lost)
+                    return _FELL_BACK
+                raise ServerUnavailable(f"{lost} (gave up reconnecting after {self.retry_seconds:g}s)") from None
+            if isinstance(lost, _Unreachable):
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 5.0)
+            try:
+                self._reconnect(skip_checkpoint=uploads_checkpoint, deadline=deadline)
+            except (_Unreachable, NotFound) as exc:
+                lost = exc
+                continue
+            lost = None
+
+    def _reconnect(self, *, skip_checkpoint: bool, deadline: float) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=max(0.1, min(self.connect_timeout,
+                                                                                  deadline - time.monotonic())))
+        except grpc.FutureTimeoutError:
+            raise _Unreachable(self._unreachable()) from None
+        self.info = self._open()
+        if self._last_checkpoint is not None and not skip_checkpoint:
+            self._upload(*self._last_checkpoint)
+        self.counters.reconnects += 1
+        log.warning("reconnected to dataselect-server at %s with a new session (strategy state restarts)",
+                    self.address)
+
+    def _switch_to_fallback(self, reason: BaseException | None) -> None:
+        log.warning("dataselect-server at %s cannot be reached (%s); scoring in-process for the rest of the run",
+                    self.address, reason)
+        self._fallback = EmbeddedScorer(self.spec, device=self.fallback_device)
+        if self._last_checkpoint is not None:
+            data, version = self._last_checkpoint
+            ckpt = validate(from_bytes(data))
+            self._fallback.session.load_state_dict(ckpt["state_dict"], version)
+        self.info = self._fallback.info
+        self.counters.extra["fallback"] = 1
 
     # -- plumbing ---------------------------------------------------------------------
     @staticmethod
@@ -182,7 +345,7 @@ class RemoteScorer:
         if self._closed:
             raise DataselectError("this RemoteScorer is closed; open a new one")
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
@@ -190,7 +353,14 @@ class RemoteScorer:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = (exc.details() if hasattr(exc, "details") else "") or str(code)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ServerUnavailable(f"{self._unreachable()} ({details})")
+            return _Unreachable(f"{self._unreachable()} ({details})")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return DataselectError(f"dataselect-server at {self.address} refused the call: {details}; "
+                                   "pass the server's token (--token-file or DATASELECT_TOKEN)")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+            details = (f"{details}: a message exceeded the size limit of {self.max_message_bytes} bytes here or the "
+                       "server's --max-message-mb; set max_message_bytes to the server's limit (pools larger than "
+                       "half of it are streamed)")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerUnavailable(f"dataselect-server at {self.address} did not answer within {self.timeout:g}s; "
                                      "raise the scorer timeout or use a faster server device")
@@ -200,3 +370,6 @@ class RemoteScorer:
     def _unreachable(self) -> str:
         return (f"cannot reach dataselect-server at {self.address}: start it with "
                 f"`dataselect-server --port {_port_of(self.address)}` or fix --server")
+
+
+_FELL_BACK = object()

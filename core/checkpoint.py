@@ -81,7 +81,7 @@ def validate(ckpt: Any) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise InvalidArgument(f"checkpoint must be a dict with model, kwargs and state_dict; got {type(ckpt).__name__}")
     state = ckpt.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InvalidArgument("checkpoint has no 'state_dict' mapping names to tensors")
     return ckpt
 
@@ -102,6 +102,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, model_name: 
         if shapes:
             parts.append(f"shape mismatch {shapes[:3]}")
         raise InvalidArgument(f"checkpoint does not fit {model_name}: {'; '.join(parts)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InvalidArgument(f"checkpoint for {model_name} holds NaN or Inf in {bad[:5]}; "
+                              "push weights from before training diverged")
     model.load_state_dict(state, strict=True)
 
 

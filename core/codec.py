@@ -27,6 +27,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "bool": torch.bool,
 }
+#: More dimensions than any pool needs (torch itself stops at 64).
+MAX_RANK = 8
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # torch.frombuffer warns that protobuf's bytes are read-only; decoded tensors
@@ -60,6 +62,8 @@ def decode(msg: pb.Tensor, *, name: str = "tensor") -> torch.Tensor:
         )
     dtype = DTYPES[msg.dtype]
     shape = tuple(int(s) for s in msg.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"{name}: shape {list(shape)[:MAX_RANK + 1]}... has more than {MAX_RANK} dimensions")
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{name}: negative dimension in shape {list(shape)}")
     numel = 1

@@ -7,6 +7,7 @@ strategy behaves identically with or without a server.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -16,11 +17,32 @@ import torch
 
 from dataselect.checkpoint import load_state, validate
 from dataselect.engine import compute_signals, synchronize
-from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, NotFound, PluginError
+from dataselect.errors import (
+    DataselectError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PluginError,
+    ResourceExhausted,
+)
 from dataselect.models import build_model
 from dataselect.plugins import get_selector
 from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
 from dataselect.plugins.policies import POLICIES
+
+log = logging.getLogger("dataselect.scoring")
+
+#: Input dtypes a pool may carry: images as stored (uint8) or already scaled floats.
+INPUT_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device (or host) allocation failure, whatever the backend calls it."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(oom, type) and isinstance(exc, oom):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
 
 
 @dataclass
@@ -63,6 +85,10 @@ class ScoringSession:
         cls = get_selector(strategy)
         if num_classes < 2:
             raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
+        if dataset_size < 0:
+            raise InvalidArgument(f"dataset_size must be >= 0 (0 = unknown), got {dataset_size}")
+        if not 0 <= int(seed) < 2**64:
+            raise InvalidArgument(f"seed must lie in [0, 2**64), got {seed}")
         self.strategy = strategy
         self.plugin_label = f"strategy {strategy!r}"
         self.context = SessionContext(
@@ -82,12 +108,47 @@ class ScoringSession:
         self.micro_batch = micro_batch
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
-        self.model = build_model(model_name, **self.model_kwargs).to(self.device).eval()
+        self.model = self._build_model()
+        self.input_shape = self._input_shape()
         self.signals = frozenset(self.selector.signals)
         self.checkpoint_version: int | None = None
         self.lock = threading.Lock()
         self.closed = False
         self.last_used = time.monotonic()
+
+    def _build_model(self):
+        try:
+            model = build_model(self.model_name, **self.model_kwargs)
+        except DataselectError:
+            raise
+        except Exception as exc:  # e.g. in_channels=0: the builder's own error says what is wrong
+            raise InvalidArgument(f"model {self.model_name!r} cannot be built with {self.model_kwargs}: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        outputs = model.classifier.out_features  # the model protocol: a final nn.Linear named classifier
+        if outputs != self.context.num_classes:
+            raise InvalidArgument(f"num_classes {self.context.num_classes} disagrees with model {self.model_name!r}, "
+                                  f"which has {outputs} outputs; pass the same num_classes to both")
+        return model.to(self.device).eval()
+
+    def _input_shape(self) -> tuple:
+        """(channels, height, width) the model takes, from its kwargs or its builder's defaults (None: unknown)."""
+        import inspect
+
+        from dataselect.plugins import get_model_builder
+
+        try:
+            params = inspect.signature(get_model_builder(self.model_name)).parameters
+        except (TypeError, ValueError):
+            params = {}
+
+        def arg(name):
+            if name in self.model_kwargs:
+                return self.model_kwargs[name]
+            p = params.get(name)
+            return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+        c, size = arg("in_channels"), arg("image_size")
+        return (c, size, size)
 
     # -- model updates -----------------------------------------------------------
     def load_checkpoint(self, ckpt: Any, version: int) -> None:
@@ -110,7 +171,7 @@ class ScoringSession:
         ids, labels, inputs = chunk.ids, chunk.labels, chunk.inputs
         if ids.dim() != 1 or ids.dtype != torch.int64:
             raise InvalidArgument(f"ids must be a 1-D int64 tensor, got {ids.dtype} of shape {list(ids.shape)}")
-        if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if labels.dim() != 1 or labels.dtype not in LABEL_DTYPES:
             raise InvalidArgument(f"labels must be a 1-D integer tensor, got {labels.dtype} of shape {list(labels.shape)}")
         if labels.shape[0] != ids.shape[0]:
             raise InvalidArgument(f"ids ({ids.shape[0]}) and labels ({labels.shape[0]}) differ in length")
@@ -120,9 +181,11 @@ class ScoringSession:
             if self.signals:
                 raise InvalidArgument(f"strategy {self.strategy!r} needs inputs, but the pool has none")
             return
-        if inputs.shape[0] != ids.shape[0]:
-            raise InvalidArgument(f"ids ({ids.shape[0]}) and inputs ({inputs.shape[0]}) differ in length")
-        expected = (self.model_kwargs.get("in_channels"), self.model_kwargs.get("image_size"), self.model_kwargs.get("image_size"))
+        if inputs.dim() == 0 or inputs.shape[0] != ids.shape[0]:
+            raise InvalidArgument(f"ids ({ids.shape[0]}) and inputs ({list(inputs.shape)[:1]}) differ in length")
+        if inputs.dtype not in INPUT_DTYPES:
+            raise InvalidArgument(f"inputs must be uint8 images or floats in [0, 1], got {inputs.dtype}")
+        expected = self.input_shape
         if inputs.dim() != 4 or (None not in expected and tuple(inputs.shape[1:]) != expected):
             raise InvalidArgument(f"inputs must have shape [N, {expected[0]}, {expected[1]}, {expected[2]}] for this model, got {list(inputs.shape)}")
         if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
@@ -155,8 +218,7 @@ class ScoringSession:
                 ids_parts.append(chunk.ids)
                 label_parts.append(chunk.labels.long())
                 if self.signals:
-                    got = compute_signals(self.model, chunk.inputs, chunk.labels, self.signals,
-                                          device=self.device, micro_batch=self.micro_batch)
+                    got = self._compute_signals(chunk.inputs, chunk.labels)
                     for k, v in got.items():
                         signal_parts[k].append(v)
             ids = torch.cat(ids_parts) if ids_parts else torch.empty(0, dtype=torch.long)
@@ -181,6 +243,28 @@ class ScoringSession:
             compute_seconds=elapsed,
             samples_scored=n,
         )
+
+    def _compute_signals(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The engine's signals; out of memory halves the micro-batch and retries, down to 1."""
+        if inputs.is_floating_point() and inputs.dtype != torch.float32:
+            inputs = inputs.float()  # the models compute in float32
+        while True:
+            try:
+                return compute_signals(self.model, inputs, labels, self.signals,
+                                       device=self.device, micro_batch=self.micro_batch)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.micro_batch <= 1:
+                    raise ResourceExhausted(
+                        f"out of memory on {self.device} while scoring even one sample at a time ({exc}); "
+                        "use a smaller model, free the device or run the server on a larger one") from None
+                # Kept for later calls: the memory that ran out is usually still taken.
+                self.micro_batch = max(1, self.micro_batch // 2)
+                log.warning("out of memory on %s while scoring; retrying with micro-batch %d",
+                            self.device, self.micro_batch)
 
     def _run_strategy(self, pool: Pool, budget: int, policy: str) -> Selection:
         try:
@@ -229,6 +313,10 @@ class ScoringSession:
         self.last_used = time.monotonic()
         if ids.dim() != 1 or losses.shape != ids.shape:
             raise InvalidArgument(f"report: ids {list(ids.shape)} and losses {list(losses.shape)} must be 1-D and aligned")
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise InvalidArgument(f"report: ids must be integers, got {ids.dtype}")
+        if not losses.is_floating_point() or not bool(torch.isfinite(losses).all()):
+            raise InvalidArgument("report: losses must be finite floats")
         for name, t in (("true_class_probs", true_class_probs), ("correct", correct)):
             if t is not None and t.shape != ids.shape:
                 raise InvalidArgument(f"report: {name} {list(t.shape)} must align with ids {list(ids.shape)}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import grpc
 import torch
@@ -14,16 +16,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dataselect.engine import resolve_device
-from dataselect.errors import DataselectError
-from dataselect.server.interceptors import ErrorMappingInterceptor
+from dataselect.errors import DataselectError, InvalidArgument
+from dataselect.server.auth import AuthInterceptor
+from dataselect.server.interceptors import ErrorMappingInterceptor, InFlightLimit
 from dataselect.server.service import SelectionServicer
-from dataselect.server.sessions import SessionStore
+from dataselect.server.sessions import DEFAULT_TTL_SECONDS, SessionStore
 from dataselect.v1 import selection_pb2 as pb
 
 log = logging.getLogger("dataselect.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selection"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+DEFAULT_MAX_QUEUE = 64
+#: Threads beyond the in-flight limit, so health checks and rejections never wait for a thread.
+SPARE_THREADS = 4
 
 
 class AddressInUse(DataselectError):
@@ -42,6 +48,23 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_pem(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -51,6 +74,7 @@ class RunningServer:
     servicer: SelectionServicer
     store: SessionStore
     health: health.HealthServicer
+    tls: bool = False
 
     @property
     def address(self) -> str:
@@ -68,21 +92,49 @@ def serve(
     micro_batch: int = 1024,
     max_sessions: int = 64,
     grace_seconds: float = 5.0,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    session_ttl: float = DEFAULT_TTL_SECONDS,
+    tokens: Sequence[str] = (),
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> Iterator[RunningServer]:
     """Start the scoring server and yield it; on exit, stop it with a grace period.
 
-    `port=0` binds a free port (read it from `.port`). Raises
-    `dataselect.errors.InvalidArgument` for an unusable device and
+    `port=0` binds a free port (read it from `.port`). `workers` calls score at
+    once (the device is shared by that many); up to `max_queue` more wait for a
+    slot, and calls beyond that are answered RESOURCE_EXHAUSTED at once.
+    Sessions idle for `session_ttl` seconds are closed. With `tokens`, every
+    call but health checks needs `authorization: Bearer <token>`; with
+    `tls_cert`/`tls_key` (PEM files) the port speaks TLS; `checkpoint_dir` is
+    the one directory CheckpointChunk.path may name. Raises
+    `dataselect.errors.InvalidArgument` for an unusable device or setting and
     `AddressInUse` when the address cannot be bound.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    store = SessionStore(max_sessions=max_sessions)
-    servicer = SelectionServicer(store, device=dev, max_message_bytes=max_message_bytes, micro_batch=micro_batch)
+    if workers < 1 or max_queue < 0 or session_ttl <= 0:
+        raise InvalidArgument(f"need workers >= 1, max_queue >= 0 and session_ttl > 0; got {workers}, {max_queue}, {session_ttl}")
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+    if checkpoint_dir is not None and not Path(checkpoint_dir).is_dir():
+        raise InvalidArgument(f"--checkpoint-dir {checkpoint_dir} is not a directory")
+    tokens = [t for t in tokens if t]
+    if not is_loopback(host) and not tokens:
+        log.warning("listening on %s without a token: anyone who can reach this address can use the server; "
+                    "pass --token-file (or set DATASELECT_TOKEN)%s", host,
+                    "" if tls_cert else " and --tls-cert/--tls-key")
+    store = SessionStore(max_sessions=max_sessions, ttl=session_ttl)
+    servicer = SelectionServicer(store, device=dev, max_message_bytes=max_message_bytes, micro_batch=micro_batch,
+                                 scoring_slots=workers, checkpoint_dir=checkpoint_dir, authenticated=bool(tokens))
+    in_flight = workers + max_queue
+    interceptors = ([AuthInterceptor(tokens)] if tokens else []) + [ErrorMappingInterceptor(InFlightLimit(in_flight))]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dataselect-rpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        futures.ThreadPoolExecutor(max_workers=in_flight + SPARE_THREADS, thread_name_prefix="dataselect-rpc"),
+        interceptors=interceptors,
         # Without so_reuseport=0 a second server could silently share a port already in use.
         options=message_size_options(max_message_bytes) + [("grpc.so_reuseport", 0)],
+        # Backstop against floods of calls waiting for a thread (health checks included).
+        maximum_concurrent_rpcs=2 * (in_flight + SPARE_THREADS),
     )
     from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
@@ -94,7 +146,11 @@ def serve(
     )
     address = format_address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if tls_cert is not None:
+            creds = grpc.ssl_server_credentials([(_read_pem(tls_key, "--tls-key"), _read_pem(tls_cert, "--tls-cert"))])
+            bound = server.add_secure_port(address, creds)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if not bound:
@@ -102,10 +158,11 @@ def serve(
         raise AddressInUse(f"cannot listen on {address}: the port is in use or the host is not local; "
                            "pick another --port (0 picks a free one) or --host")
     server.start()
+    store.start_reaper()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server=server, host=host, port=bound, device=dev, servicer=servicer,
-                            store=store, health=health_servicer)
+                            store=store, health=health_servicer, tls=tls_cert is not None)
     try:
         yield running
     finally:

@@ -9,7 +9,10 @@ status codes by `dataselect.server.interceptors`.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -20,6 +23,7 @@ from dataselect.errors import FailedPrecondition, InvalidArgument, ResourceExhau
 from dataselect.plugins import models, selectors
 from dataselect.plugins.base import Progress
 from dataselect.scoring import PoolChunk, ScoringSession
+from dataselect.server.auth import principal_of
 from dataselect.server.sessions import SessionStore
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
@@ -43,13 +47,38 @@ def progress_from(msg: pb.Progress) -> Progress:
 
 
 class SelectionServicer(pb_grpc.SelectionServicer):
+    """Args beyond the obvious:
+        scoring_slots: how many calls may score (use the device) at once; the rest wait
+            (bounded by the in-flight limit in `interceptors`), and ServerCost.queue_seconds
+            reports the wait.
+        checkpoint_dir: the one directory CheckpointChunk.path may name (None: paths refused).
+        authenticated: sessions belong to the token that opened them.
+    """
+
     def __init__(self, store: SessionStore, *, device: torch.device, max_message_bytes: int,
-                 micro_batch: int = 1024, max_checkpoint_bytes: int = 2 * 2**30):
+                 micro_batch: int = 1024, max_checkpoint_bytes: int = 2 * 2**30, scoring_slots: int = 8,
+                 checkpoint_dir: str | Path | None = None, authenticated: bool = False):
         self.store = store
         self.device = device
         self.max_message_bytes = max_message_bytes
         self.micro_batch = micro_batch
         self.max_checkpoint_bytes = max_checkpoint_bytes
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir).resolve()
+        self.authenticated = authenticated
+        self._slots = threading.BoundedSemaphore(max(1, int(scoring_slots)))
+
+    def _session(self, session_id: str, context) -> ScoringSession:
+        return self.store.get(session_id, principal_of(context, self.authenticated))
+
+    @contextmanager
+    def _scoring_slot(self):
+        """Wait for a scoring slot; yields the seconds waited."""
+        t0 = time.perf_counter()
+        self._slots.acquire()
+        try:
+            yield time.perf_counter() - t0
+        finally:
+            self._slots.release()
 
     # -- sessions --------------------------------------------------------------------
     def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
@@ -57,10 +86,6 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         kwargs = parse_json_object(request.model.kwargs_json, "model.kwargs_json")
         if not request.model.name:
             raise InvalidArgument(f"model.name is empty; known models: {', '.join(models())}")
-        if "num_classes" in kwargs and kwargs["num_classes"] != request.num_classes:
-            raise InvalidArgument(
-                f"num_classes {request.num_classes} disagrees with the model's num_classes {kwargs['num_classes']}"
-            )
         session = ScoringSession(
             request.strategy, options, request.model.name, kwargs,
             num_classes=request.num_classes, seed=request.seed, dataset=request.dataset,
@@ -70,7 +95,11 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         # Name the registering plugin too, so a failing third-party strategy is easy to trace.
         plugin = selectors()[request.strategy].plugin
         session.plugin_label = f"strategy {request.strategy!r} (plugin {plugin!r})"
-        session_id = self.store.add(session)
+        try:
+            session_id = self.store.add(session, principal_of(context, self.authenticated))
+        except BaseException:
+            session.close()
+            raise
         cls = type(session.selector)
         return pb.OpenSessionResponse(
             session_id=session_id, strategy=request.strategy,
@@ -82,7 +111,7 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         )
 
     def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
-        self.store.close(request.session_id)
+        self.store.close(request.session_id, principal_of(context, self.authenticated))
         return pb.CloseSessionResponse(closed=True)
 
     # -- checkpoints -------------------------------------------------------------------
@@ -90,9 +119,16 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         first = next(request_iterator, None)
         if first is None:
             raise InvalidArgument("UploadCheckpoint received no chunks; the first chunk carries session_id and version")
-        session = self.store.get(first.session_id)
+        session = self._session(first.session_id, context)
         if first.path:
-            raise FailedPrecondition("this server reads no checkpoint paths; stream the checkpoint bytes instead")
+            data = self._read_checkpoint_path(first.path)
+            t0 = time.perf_counter()
+            with self._scoring_slot():
+                session.load_checkpoint(from_bytes(data), first.version)
+            return pb.UploadCheckpointResponse(version=first.version, bytes_received=0,
+                                               load_seconds=time.perf_counter() - t0)
+        if first.total_bytes < 0:
+            raise InvalidArgument(f"total_bytes must be >= 0 (0 = not announced), got {first.total_bytes}")
         if first.total_bytes > self.max_checkpoint_bytes:
             raise ResourceExhausted(f"checkpoint of {first.total_bytes} bytes exceeds the server's limit of {self.max_checkpoint_bytes}")
         parts = [first.data]
@@ -108,27 +144,47 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             )
         t0 = time.perf_counter()
         ckpt = from_bytes(b"".join(parts))
-        session.load_checkpoint(ckpt, first.version)
+        with self._scoring_slot():
+            session.load_checkpoint(ckpt, first.version)
         return pb.UploadCheckpointResponse(version=first.version, bytes_received=received,
                                            load_seconds=time.perf_counter() - t0)
 
+    def _read_checkpoint_path(self, name: str) -> bytes:
+        """The bytes of a checkpoint file inside --checkpoint-dir; anything resolving outside is refused."""
+        if self.checkpoint_dir is None:
+            raise FailedPrecondition("this server reads no checkpoint paths (start it with --checkpoint-dir); "
+                                     "stream the checkpoint bytes instead")
+        if "\x00" in name:
+            raise InvalidArgument("checkpoint path contains a NUL byte")
+        path = (self.checkpoint_dir / name).resolve()  # follows symlinks, collapses '..'
+        if not path.is_relative_to(self.checkpoint_dir):
+            raise InvalidArgument(f"checkpoint path {name!r} resolves outside the server's --checkpoint-dir; "
+                                  "name a file inside it (no '..', no symlinks leading out)")
+        if not path.is_file():
+            raise InvalidArgument(f"checkpoint path {name!r} is not a file in the server's --checkpoint-dir")
+        size = path.stat().st_size
+        if size > self.max_checkpoint_bytes:
+            raise ResourceExhausted(f"checkpoint of {size} bytes exceeds the server's limit of {self.max_checkpoint_bytes}")
+        return path.read_bytes()
+
     # -- selection ---------------------------------------------------------------------
     def Select(self, request: pb.SelectRequest, context) -> pb.SelectResponse:
-        session = self.store.get(request.session_id)
+        session = self._session(request.session_id, context)
         clock = _CodecClock()
         with clock:
             chunk = self._decode_chunk(request)
         if chunk is None:
             raise InvalidArgument("Select: the pool is empty (ids and labels are required)")
-        result = session.select([chunk], request.budget, progress=progress_from(request.progress),
-                                policy=request.policy, return_scores=request.return_scores)
-        return self._response(result, clock)
+        with self._scoring_slot() as waited:
+            result = session.select([chunk], request.budget, progress=progress_from(request.progress),
+                                    policy=request.policy, return_scores=request.return_scores)
+        return self._response(result, clock, waited)
 
     def SelectStream(self, request_iterator: Iterator[pb.SelectRequest], context) -> pb.SelectResponse:
         header = next(request_iterator, None)
         if header is None:
             raise InvalidArgument("SelectStream received no messages; the first carries session_id and budget")
-        session = self.store.get(header.session_id)
+        session = self._session(header.session_id, context)
         clock = _CodecClock()
 
         # Chunks are decoded lazily so the session scores each one as it arrives
@@ -142,9 +198,10 @@ class SelectionServicer(pb_grpc.SelectionServicer):
                 if chunk is not None:
                     yield chunk
 
-        result = session.select(chunks(), header.budget, progress=progress_from(header.progress),
-                                policy=header.policy, return_scores=header.return_scores)
-        return self._response(result, clock)
+        with self._scoring_slot() as waited:
+            result = session.select(chunks(), header.budget, progress=progress_from(header.progress),
+                                    policy=header.policy, return_scores=header.return_scores)
+        return self._response(result, clock, waited)
 
     @staticmethod
     def _decode_chunk(msg: pb.SelectRequest) -> PoolChunk | None:
@@ -159,7 +216,7 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         )
 
     @staticmethod
-    def _response(result, clock: "_CodecClock") -> pb.SelectResponse:
+    def _response(result, clock: "_CodecClock", queue_seconds: float = 0.0) -> pb.SelectResponse:
         with clock:
             response = pb.SelectResponse(
                 selected_ids=codec.encode(result.selected_ids.long()),
@@ -170,12 +227,12 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             if result.scores is not None:
                 response.scores.CopyFrom(codec.encode(result.scores.float()))
         response.cost.CopyFrom(pb.ServerCost(compute_seconds=result.compute_seconds, codec_seconds=clock.seconds,
-                                             samples_scored=result.samples_scored))
+                                             queue_seconds=queue_seconds, samples_scored=result.samples_scored))
         return response
 
     # -- training-side statistics ---------------------------------------------------------
     def Report(self, request: pb.ReportRequest, context) -> pb.ReportResponse:
-        session = self.store.get(request.session_id)
+        session = self._session(request.session_id, context)
         if not codec.is_set(request.ids) or not codec.is_set(request.losses):
             raise InvalidArgument("Report needs ids and losses")
         ids = codec.decode(request.ids, name="ids")

@@ -349,7 +349,7 @@ def test_remote_streams_pools_larger_than_its_message_limit(server, model):
 def test_remote_maps_status_codes_to_errors(server, model):
     with pytest.raises(InvalidArgument, match="known strategies"):
         RemoteScorer(server.address, spec(strategy="nope"))
-    remote = RemoteScorer(server.address, spec())
+    remote = RemoteScorer(server.address, spec(), retry_seconds=0)  # 0: no reopening of a lost session
     ids, inputs, labels = make_pool(8)
     with pytest.raises(FailedPrecondition, match="checkpoint"):
         remote.select(ids, inputs, labels, 2, Progress())
