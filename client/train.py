@@ -38,7 +38,7 @@ from dataselect.checkpoint import load_checkpoint, load_state, make_checkpoint, 
 from dataselect.client.data import Dataset, Split, load_dataset
 from dataselect.client.scorer import EmbeddedScorer, Scorer, SessionSpec
 from dataselect.engine import resolve_device, synchronize
-from dataselect.errors import InvalidArgument
+from dataselect.errors import InvalidArgument, PluginError
 from dataselect.models import build_model
 from dataselect.plugins import get_model_builder, get_selector
 from dataselect.plugins.base import MODES, Progress
@@ -278,6 +278,8 @@ def _online_epoch(run: _Run, epoch: int) -> None:
                 costs.samples_scored += int(reply.samples_scored)
                 chosen = _positions_of(train_split, reply.selected_ids)
                 weights = reply.weights
+                if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
+                    raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(positions)}")
             stats = _train_step(run, chosen, weights)
             run.selection_digest.update(train_split.ids[chosen].numpy().tobytes())
             if scorer is not None and scorer.info.uses_reports:
@@ -298,7 +300,8 @@ EPOCH_RUNNERS: dict[str, Callable[[_Run, int], None]] = {"online": _online_epoch
 
 def _positions_of(split: Split, ids: torch.Tensor) -> torch.Tensor:
     """Positions in `split` of the given ids (ids are indices into the full split, and
-    `--train-subset` keeps its head, so position == id)."""
+    `--train-subset` keeps its head, so position == id). Repeats are kept: strategies
+    that draw with replacement train on each occurrence."""
     ids = ids.long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(split)):
         raise InvalidArgument("the scorer returned ids that are not in the training pool")
