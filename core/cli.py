@@ -118,7 +118,14 @@ def models(as_json: bool) -> None:
         click.echo(f"{row['name']:<12} {row['description']}  (from {row['plugin']})")
 
 
-# `compare` (a table of several runs' summary.json files) will be added here.
+def _add_compare() -> None:
+    # Imported here so `dataselect strategies` does not pay for the experiment runner's imports.
+    from dataselect.client.compare import compare_command
+
+    cli.add_command(compare_command)
+
+
+_add_compare()
 
 
 def main(args: list[str] | None = None) -> NoReturn:
