@@ -1,0 +1,141 @@
+"""Load test: many concurrent trainers against one CPU `dataselect-server` (a benchmark, not a unit test).
+
+    python benchmarks/load_test.py                      # 16 clients x 100 Selects of 1,024 MNIST-sized samples
+    python benchmarks/load_test.py --clients 4 --requests 10 --json out.json
+
+Starts the server as a subprocess (`--device cpu`), opens one high_loss session
+per client (cnn-small, 1x28x28 uint8 inputs), uploads a checkpoint, then each
+client sends `--requests` Selects of `--pool` samples. Reports errors, p50/p99
+latency, throughput and the server's RSS (VmRSS) before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import torch
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    script = shutil.which("dataselect-server", path=os.path.dirname(sys.executable))
+    cmd = ([script] if script else [sys.executable, "-m", "dataselect.server.cli"]) + [
+        "--device", "cpu", "--port", "0", "--workers", str(args.workers), "--max-queue", str(args.max_queue),
+        "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"server exited with {proc.wait()}")
+        match = re.match(r"listening on (\S+:\d+)$", line.strip())
+        if match:
+            return proc, match.group(1)
+    raise SystemExit("server did not start")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=100, help="Selects per client")
+    ap.add_argument("--pool", type=int, default=1024, help="samples per Select")
+    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--model", default="cnn-small")
+    ap.add_argument("--strategy", default="high_loss")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="server --workers")
+    ap.add_argument("--max-queue", type=int, default=64, help="server --max-queue")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from dataselect.client.remote import RemoteScorer
+    from dataselect.client.scorer import SessionSpec
+    from dataselect.models import build_model
+    from dataselect.plugins.base import Progress
+
+    kwargs = dict(num_classes=10, in_channels=1, image_size=28, mean=(0.1307,), std=(0.3081,))
+    spec = SessionSpec(args.strategy, {}, args.model, kwargs, num_classes=10, dataset="load", dataset_size=60_000)
+    torch.manual_seed(0)
+    model = build_model(args.model, **kwargs)
+    proc, address = start_server(args)
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    try:
+        rss_before = rss_mib(proc.pid)
+
+        def client(c: int) -> None:
+            g = torch.Generator().manual_seed(c)
+            with RemoteScorer(address, spec, timeout=300, retry_seconds=0) as remote:
+                remote.push_checkpoint(model, version=1, step=0)
+                for r in range(args.requests):
+                    ids = torch.randint(0, 60_000, (args.pool,), generator=g).unique()
+                    while ids.numel() < args.pool:  # unique ids, exactly --pool of them
+                        ids = torch.cat([ids, torch.randint(0, 60_000, (args.pool,), generator=g)]).unique()[:args.pool]
+                    inputs = torch.randint(0, 256, (args.pool, 1, 28, 28), dtype=torch.uint8, generator=g)
+                    labels = torch.randint(0, 10, (args.pool,), generator=g)
+                    t0 = time.perf_counter()
+                    try:
+                        remote.select(ids, inputs, labels, args.budget, Progress(step=r))
+                    except Exception as exc:  # noqa: BLE001 - counted, not fatal
+                        with lock:
+                            errors.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        with futures.ThreadPoolExecutor(args.clients) as ex:
+            for f in [ex.submit(client, c) for c in range(args.clients)]:
+                try:
+                    f.result()
+                except Exception as exc:  # noqa: BLE001 - a client that could not even open
+                    errors.append(f"{type(exc).__name__}: {exc}")
+        wall = time.perf_counter() - t0
+        rss_after = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    lat = sorted(latencies)
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else lat * 99
+    result = {
+        "clients": args.clients, "requests_per_client": args.requests, "pool": args.pool, "budget": args.budget,
+        "model": args.model, "strategy": args.strategy, "server_workers": args.workers, "cpus": os.cpu_count(),
+        "selects_ok": len(lat), "errors": len(errors), "first_errors": errors[:5],
+        "p50_ms": 1000 * q[49] if lat else None, "p99_ms": 1000 * q[98] if lat else None,
+        "wall_s": wall, "throughput_selects_per_s": len(lat) / wall,
+        "throughput_samples_per_s": len(lat) * args.pool / wall,
+        "server_rss_before_mib": rss_before, "server_rss_after_mib": rss_after,
+    }
+    print(f"| clients x requests | pool | errors | p50 ms | p99 ms | Selects/s | samples/s | server RSS before -> after (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {args.clients} x {args.requests} | {args.pool} | {len(errors)} | {result['p50_ms'] or 0:.1f} | "
+          f"{result['p99_ms'] or 0:.1f} | {result['throughput_selects_per_s']:.1f} | "
+          f"{result['throughput_samples_per_s']:.0f} | {rss_before:.0f} -> {rss_after:.0f} |")
+    for e in errors[:5]:
+        print("error:", e)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
