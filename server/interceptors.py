@@ -23,6 +23,10 @@ SERVICE_PREFIX = "/dataselect.v1.Selection/"
 
 
 def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    if not context.is_active():
+        # The client cancelled or its deadline passed (reading its stream then fails): nobody to answer.
+        log.info("%s: the client went away (%s: %s)", method, type(exc).__name__, exc)
+        return
     code, message = status_for(exc)
     if not isinstance(exc, DataselectError):
         log.exception("%s failed unexpectedly", method)

@@ -190,7 +190,7 @@ def test_fuzz_upload_checkpoint(stub, sessions, data):
         payload, path = b"", data.draw(st.text(max_size=40))
     name = data.draw(st.sampled_from(["fresh", "", "nope"]))
     sid = sessions.get(name, name)
-    size = data.draw(st.integers(1, 700))
+    size = data.draw(st.integers(1, 700) if len(payload) < 4096 else st.integers(512, 70_000))
     chunks = [pb.CheckpointChunk(session_id=sid, version=data.draw(st.integers(-5, 5)), path=path,
                                  total_bytes=data.draw(st.sampled_from([0, len(payload), -1, 2**40])),
                                  data=payload[:size])]
