@@ -31,7 +31,10 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--policy", default="", show_default="the strategy's default",
               help="Selection policy applied to the scores: topk, class_balanced, sample or threshold.")
 @click.option("--mode", type=click.Choice(MODES), default=None, show_default="the strategy's default",
-              help="Training mode; online: every step train on the selected part of a candidate pool.")
+              help="Training mode. online: every step train on the selected part of a candidate pool; "
+                   "subset: train on a selected fraction of the training set, re-selected every `refresh` "
+                   "epochs (once for static strategies); weighted: each epoch draw a fraction of the "
+                   "training set by importance (with replacement) and train on every draw.")
 @click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist",
               help="Dataset; synthetic is small, generated and needs no files.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
@@ -65,6 +68,11 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
               help="Micro-batch size for in-process scoring and for evaluation.")
 @click.option("--init-from", type=click.Path(dir_okay=False), default=None, metavar="CKPT",
               help="Start from the weights of a dataselect checkpoint (same --model).")
+@click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+              help="Stop training after S seconds (wall clock less dataset loading and evaluation), "
+                   "then evaluate and write the summary (stopped_by: budget_seconds).")
+@click.option("--budget-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Stop training once N samples have been trained on (stopped_by: budget_samples).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, per-epoch lines or cost table.")
 def train_command(**kw) -> None:
@@ -84,6 +92,7 @@ def train_command(**kw) -> None:
         device=kw["device"], threads=kw["threads"], train_subset=kw["train_subset"], test_subset=kw["test_subset"],
         output=kw["output"], server=kw["server"], sync_every=kw["sync_every"], micro_batch=kw["micro_batch"],
         init_from=kw["init_from"], progress=not kw["quiet"],
+        budget_seconds=kw["budget_seconds"], budget_samples=kw["budget_samples"],
     )
     quiet = kw["quiet"]
     log = None if quiet else (lambda msg: click.echo(msg, err=True))

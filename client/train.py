@@ -13,9 +13,27 @@ training samples through a scorer (embedded in-process, or remote with
   checkpoint pushes when the scorer is remote;
 * `checkpoint_seconds`, `eval_seconds`, `data_seconds`.
 
-Modes: only `online` is implemented (Selective-Backprop style: every step a
-pool of `ceil(batch / select_fraction)` candidates, train on the `budget`
-selected). `subset` and `weighted` plug into `EPOCH_RUNNERS`.
+* `report_seconds`: time spent handing training-side statistics to the
+  scorer (strategies with `uses_reports`).
+
+Modes (`EPOCH_RUNNERS`; the strategy names its default, `--mode` overrides):
+
+* `online`: every step a pool of `ceil(batch / select_fraction)` candidates
+  is scored; selections accumulate until a full batch is ready (selective
+  backprop keeps a variable number per pool), the remainder is flushed at
+  the epoch's end. An epoch is one pass of candidates over the training set.
+* `subset`: the whole training set is scored in one Select (budget
+  `round(N × fraction)`) at the first epoch after warm-up and every `refresh`
+  epochs after (once for `static` strategies such as MRMC); epochs train on
+  shuffled mini-batches of the subset, with its weights.
+* `weighted`: every epoch, `round(N × fraction)` draws (with replacement for
+  importance sampling) over the whole set, each draw trained on, with weights.
+
+Warm-up (strategy option `warmup_epochs`): that many full-data epochs first,
+in any mode, reporting training losses; they count in --epochs and in every
+cost total. Budgets (`budget_seconds`, `budget_samples`) stop training before
+the next step once spent; the run then evaluates and writes its summary with
+`stopped_by`, and metrics.jsonl gets a line for the partial epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -80,6 +99,11 @@ class TrainConfig:
     init_from: str | None = None
     #: Per-epoch progress bar (still only drawn on a terminal).
     progress: bool = True
+    #: Stop training once this many seconds have passed (wall clock less dataset
+    #: loading and evaluation); None = no limit.
+    budget_seconds: float | None = None
+    #: Stop training once this many samples have been trained on; None = no limit.
+    budget_samples: int | None = None
 
 
 @dataclass
@@ -93,9 +117,14 @@ class Costs:
     checkpoint_seconds: float = 0.0
     eval_seconds: float = 0.0
     data_seconds: float = 0.0
+    report_seconds: float = 0.0
     samples_trained: int = 0
     samples_scored: int = 0
     steps: int = 0
+    #: Whole-training-set selections (subset and weighted modes).
+    refreshes: int = 0
+    #: Epochs trained on the full data (warm-up, or no scorer).
+    full_data_epochs: int = 0
 
 
 @dataclass
@@ -114,6 +143,19 @@ class _Run:
     #: Digest of every selected id in order: equal digests = identical selections.
     selection_digest: Any = field(default_factory=hashlib.sha256)
     checkpoint_version: int = 0
+    #: Optimiser step at the last checkpoint push (None: never pushed).
+    pushed_at_step: int | None = None
+    #: Full-data epochs before the mode starts (the strategy's `warmup_epochs` option).
+    warmup_epochs: int = 0
+    #: Subset mode: re-select every this many epochs; `static`: select once.
+    refresh: int = 1
+    static: bool = False
+    #: The current whole-set selection: (positions, weights or None).
+    selection: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    last_selection_size: int = 0
+    t_start: float = 0.0
+    #: Dataset loading time, kept out of the --budget-seconds clock.
+    load_seconds: float = 0.0
 
 
 def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -143,11 +185,6 @@ def validate_config(config: TrainConfig) -> str:
     mode = config.mode or cls.default_mode
     if mode not in MODES:
         raise InvalidArgument(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
-    if mode not in EPOCH_RUNNERS:
-        raise InvalidArgument(
-            f"mode {mode!r} is not implemented yet (strategy {config.strategy!r} defaults to {cls.default_mode!r}); "
-            f"use --mode {' or --mode '.join(EPOCH_RUNNERS)}"
-        )
     if not 0.0 < config.select_fraction <= 1.0:
         raise InvalidArgument(f"--select-fraction must be in (0, 1], got {config.select_fraction}")
     for name in ("epochs", "batch_size", "sync_every", "micro_batch"):
@@ -157,6 +194,10 @@ def validate_config(config: TrainConfig) -> str:
         raise InvalidArgument(f"--lr must be > 0, got {config.lr}")
     if config.threads is not None and config.threads < 1:
         raise InvalidArgument(f"--threads must be >= 1, got {config.threads}")
+    if config.budget_seconds is not None and not config.budget_seconds > 0:
+        raise InvalidArgument(f"--budget-seconds must be > 0, got {config.budget_seconds}")
+    if config.budget_samples is not None and config.budget_samples < 1:
+        raise InvalidArgument(f"--budget-samples must be >= 1, got {config.budget_samples}")
     return mode
 
 
@@ -173,7 +214,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
     t0 = time.perf_counter()
     data = load_dataset(config.dataset, config.data_dir, download=config.download,
                         train_subset=config.train_subset, test_subset=config.test_subset)
-    costs.data_seconds += time.perf_counter() - t0
+    load_seconds = time.perf_counter() - t0
+    costs.data_seconds += load_seconds
 
     model_kwargs = data.info.model_kwargs()
     model = build_model(config.model, **model_kwargs)
@@ -190,21 +232,35 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
 
     scorer, remote = _open_scorer(config, data, model_kwargs, device)
     run = _Run(config, data, model, optimizer, device, scorer, remote, costs,
-               shuffle=torch.Generator().manual_seed(config.seed))
+               shuffle=torch.Generator().manual_seed(config.seed), t_start=t_start, load_seconds=load_seconds)
+    _mode_settings(run)
     epochs: list[dict[str, Any]] = []
+    stopped_by: str | None = None
     try:
         for epoch in range(1, config.epochs + 1):
-            EPOCH_RUNNERS[mode](run, epoch)
+            partial = False
+            try:
+                kind = _run_epoch(run, mode, epoch)
+            except _BudgetReached as stop:
+                stopped_by, partial, kind = stop.reason, True, _epoch_kind(run, mode, epoch)
             acc, loss = _evaluate(run)
             line = {"epoch": epoch, "test_accuracy": acc, "test_loss": loss,
-                    "wall_seconds": time.perf_counter() - t_start, **_cost_fields(run)}
+                    "wall_seconds": time.perf_counter() - t_start, "epoch_kind": kind, "partial": partial,
+                    **_cost_fields(run)}
             epochs.append(line)
             if out_dir is not None:
                 with open(out_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(line) + "\n")
             if log is not None:
-                log(f"epoch {epoch}/{config.epochs}: test accuracy {acc:.4f}, test loss {loss:.4f}")
-        summary = _summary(run, mode, epochs, time.perf_counter() - t_start)
+                log(f"epoch {epoch}/{config.epochs}{' (partial)' if partial else ''}: "
+                    f"test accuracy {acc:.4f}, test loss {loss:.4f}")
+            if stopped_by is None and epoch < config.epochs:
+                stopped_by = _budget_reason(run)  # spent exactly at the epoch's end: no empty epoch
+            if stopped_by is not None:
+                if log is not None:
+                    log(f"stopped by {stopped_by.replace('_', '-')} after {costs.samples_trained} samples")
+                break
+        summary = _summary(run, mode, epochs, time.perf_counter() - t_start, stopped_by)
     finally:
         if scorer is not None:
             scorer.close()
@@ -227,6 +283,16 @@ def _init_from(model: nn.Module, config: TrainConfig) -> None:
     load_state(model, ckpt["state_dict"], model_name=config.model)
 
 
+def _mode_settings(run: _Run) -> None:
+    """Warm-up, refresh period and static-ness from the strategy's resolved options and class."""
+    if run.scorer is None:
+        return
+    opts = run.scorer.info.resolved_options
+    run.warmup_epochs = int(opts.get("warmup_epochs", 0) or 0)
+    run.refresh = int(opts.get("refresh", 1) or 1)
+    run.static = bool(getattr(get_selector(run.config.strategy), "static", False))
+
+
 def _open_scorer(config: TrainConfig, data: Dataset, model_kwargs: dict, device: torch.device) -> tuple[Scorer | None, bool]:
     if config.select_fraction >= 1.0:
         return None, False  # the full-data baseline scores nothing
@@ -242,60 +308,246 @@ def _open_scorer(config: TrainConfig, data: Dataset, model_kwargs: dict, device:
     return EmbeddedScorer(spec, device=device, micro_batch=config.micro_batch), False
 
 
-# -- the online mode ----------------------------------------------------------------------
-def _online_epoch(run: _Run, epoch: int) -> None:
-    """Shuffle, walk pools of ceil(batch / fraction) candidates, train on what the scorer selects."""
-    cfg, train_split, costs = run.config, run.data.train, run.costs
-    fraction = cfg.select_fraction
-    pool_size = math.ceil(cfg.batch_size / fraction)
-    order = torch.randperm(len(train_split), generator=run.shuffle)
-    n_pools = math.ceil(len(order) / pool_size)
+# -- training modes -----------------------------------------------------------------------
+#
+# Every mode is built from the same pieces: `_select` (one Select call with its cost
+# accounting), `_train_on` (one SGD step + digest + report + budget check) and
+# `_train_minibatches` (shuffled mini-batches over a list of positions). Warm-up epochs
+# (strategy option `warmup_epochs`) run before any mode, on the full data: see `_run_epoch`.
+
+
+class _BudgetReached(Exception):
+    """Raised before a step once --budget-seconds or --budget-samples is spent."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _budget_reason(run: _Run) -> str | None:
+    """Which budget is spent, if any. The clock excludes dataset loading and evaluation, so
+    strategies are compared on what they spend training and selecting."""
+    cfg = run.config
+    if cfg.budget_samples is not None and run.costs.samples_trained >= cfg.budget_samples:
+        return "budget_samples"
+    if cfg.budget_seconds is not None and _budget_clock(run) >= cfg.budget_seconds:
+        return "budget_seconds"
+    return None
+
+
+def _budget_clock(run: _Run) -> float:
+    return time.perf_counter() - run.t_start - run.load_seconds - run.costs.eval_seconds
+
+
+def _progress(run: _Run, epoch: int, within: float) -> Progress:
+    """Progress with the 0-based epoch the strategies expect; `within` is the fraction of this epoch done."""
+    cfg = run.config
+    return Progress(epoch=epoch - 1, step=run.costs.steps, total_epochs=cfg.epochs,
+                    fraction=((epoch - 1) + within) / cfg.epochs)
+
+
+def _needs_inputs(run: _Run) -> bool:
+    return run.scorer is not None and bool(run.scorer.info.signals)
+
+
+def _select(run: _Run, positions: torch.Tensor, budget: int, progress: Progress, *,
+            fresh_model: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One Select over the training samples at `positions`; returns (positions to train on, weights).
+
+    `fresh_model`: push the current weights first unless the scorer already has them
+    (whole-set selections score with the model as it is now; online pushes every
+    `sync_every` steps instead and only needs a first push here).
+    """
+    cfg, split, costs, scorer = run.config, run.data.train, run.costs, run.scorer
+    needs_inputs = _needs_inputs(run)
+    if needs_inputs and (run.pushed_at_step is None or (fresh_model and run.pushed_at_step != costs.steps)):
+        _push(run)
+    t0 = time.perf_counter()
+    ids = split.ids[positions]
+    labels = split.labels[positions]
+    inputs = split.inputs[positions] if needs_inputs else None
+    costs.data_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reply = scorer.select(ids, inputs, labels, budget, progress)
+    costs.score_seconds += time.perf_counter() - t0
+    costs.server_compute_seconds += reply.server_compute_seconds
+    costs.transfer_seconds += reply.transfer_seconds
+    costs.samples_scored += int(reply.samples_scored)
+    chosen = _positions_of(split, reply.selected_ids)
+    if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
+        raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(positions)}")
+    weights = reply.weights
+    if weights is not None and weights.numel() != chosen.numel():
+        raise PluginError(f"strategy {cfg.strategy!r} returned {weights.numel()} weights for "
+                          f"{chosen.numel()} selected samples")
+    return chosen, weights
+
+
+def _train_on(run: _Run, positions: torch.Tensor, weights: torch.Tensor | None, progress: Progress):
+    """One optimiser step on `positions` (repeats train once per occurrence), with its report."""
+    reason = _budget_reason(run)
+    if reason is not None:
+        raise _BudgetReached(reason)
+    stats = _train_step(run, positions, weights)
+    ids = run.data.train.ids[positions]
+    run.selection_digest.update(ids.numpy().tobytes())
     scorer = run.scorer
-    needs_inputs = scorer is not None and bool(scorer.info.signals)
-    if needs_inputs and costs.steps == 0:
-        _push(run)  # the scorer's copy must match before the first Select
-    bar = _progress_bar(cfg, n_pools, f"epoch {epoch}/{cfg.epochs}")
-    try:
+    if scorer is not None and scorer.info.uses_reports:
+        # The training forward pass's own losses: strategies that learn from them cost no extra pass.
+        t0 = time.perf_counter()
+        scorer.report(ids, *stats, progress)
+        run.costs.report_seconds += time.perf_counter() - t0
+    return stats
+
+
+def _train_minibatches(run: _Run, epoch: int, positions: torch.Tensor, weights: torch.Tensor | None) -> None:
+    """Shuffle `positions` (weights follow) and train on them in mini-batches of --batch-size."""
+    bs = run.config.batch_size
+    order = torch.randperm(len(positions), generator=run.shuffle)
+    positions = positions[order]
+    weights = None if weights is None else weights[order]
+    n_steps = math.ceil(len(positions) / bs)
+    with _bar(run, epoch, n_steps) as bar:
+        for i in range(n_steps):
+            part = slice(i * bs, (i + 1) * bs)
+            stats = _train_on(run, positions[part], None if weights is None else weights[part],
+                              _progress(run, epoch, i / n_steps))
+            bar(stats)
+
+
+def _full_epoch(run: _Run, epoch: int) -> None:
+    """Every training sample once: the full-data baseline and strategy warm-up epochs."""
+    _train_minibatches(run, epoch, torch.arange(len(run.data.train)), None)
+
+
+class _Accumulator:
+    """Selected positions (and weights) waiting for a full batch, in arrival order."""
+
+    def __init__(self):
+        self.positions: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor | None] = []
+        self.size = 0
+
+    def add(self, positions: torch.Tensor, weights: torch.Tensor | None) -> None:
+        self.positions.append(positions)
+        self.weights.append(weights)
+        self.size += int(positions.numel())
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first `n` buffered samples (all of them if fewer)."""
+        pos = torch.cat(self.positions)
+        has_w = any(w is not None for w in self.weights)
+        w = torch.cat([torch.ones(len(p)) if w is None else w.float()
+                       for p, w in zip(self.positions, self.weights)]) if has_w else None
+        rest_p, rest_w = pos[n:], (None if w is None else w[n:])
+        self.positions, self.weights = ([rest_p], [rest_w]) if rest_p.numel() else ([], [])
+        self.size = int(rest_p.numel())
+        return pos[:n], (None if w is None else w[:n])
+
+
+def _online_epoch(run: _Run, epoch: int) -> None:
+    """Shuffle, walk pools of ceil(batch / fraction) candidates, train on what the scorer selects.
+
+    Selections are accumulated until a full batch is ready (Jiang et al.'s selective
+    backprop trains on full batches of kept samples), so strategies that keep a variable
+    number (`exact_budget = False`) still step on --batch-size samples; the remainder is
+    flushed at the end of the epoch. Exact-budget strategies fill one batch per pool, so
+    for them this is the plain pool → batch step. An epoch is one pass of candidates over
+    the training set.
+    """
+    cfg, split, costs = run.config, run.data.train, run.costs
+    pool_size = math.ceil(cfg.batch_size / cfg.select_fraction)
+    order = torch.randperm(len(split), generator=run.shuffle)
+    n_pools = math.ceil(len(order) / pool_size)
+    needs_inputs = _needs_inputs(run)
+    buffer = _Accumulator()
+
+    def step(n: int, within: float) -> None:
+        positions, weights = buffer.take(n)
+        stats = _train_on(run, positions, weights, _progress(run, epoch, within))
+        if needs_inputs and costs.steps % cfg.sync_every == 0:
+            _push(run)
+        bar(stats)
+
+    with _bar(run, epoch, n_pools) as bar:
         for i in range(n_pools):
             positions = order[i * pool_size:(i + 1) * pool_size]
-            progress = Progress(epoch=epoch - 1, step=costs.steps, total_epochs=cfg.epochs,
-                                fraction=((epoch - 1) + i / n_pools) / cfg.epochs)
-            weights = None
-            if scorer is None:
-                chosen = positions
-            else:
-                t0 = time.perf_counter()
-                ids = train_split.ids[positions]
-                labels = train_split.labels[positions]
-                inputs = train_split.inputs[positions] if needs_inputs else None
-                costs.data_seconds += time.perf_counter() - t0
-                budget = max(1, round(len(positions) * fraction))
-                t0 = time.perf_counter()
-                reply = scorer.select(ids, inputs, labels, budget, progress)
-                costs.score_seconds += time.perf_counter() - t0
-                costs.server_compute_seconds += reply.server_compute_seconds
-                costs.transfer_seconds += reply.transfer_seconds
-                costs.samples_scored += int(reply.samples_scored)
-                chosen = _positions_of(train_split, reply.selected_ids)
-                weights = reply.weights
-                if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
-                    raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(positions)}")
-            stats = _train_step(run, chosen, weights)
-            run.selection_digest.update(train_split.ids[chosen].numpy().tobytes())
-            if scorer is not None and scorer.info.uses_reports:
-                scorer.report(train_split.ids[chosen], *stats, progress)
-            if needs_inputs and costs.steps % cfg.sync_every == 0:
-                _push(run)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(stats[0].mean()):.3f}", refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
+            budget = max(1, round(len(positions) * cfg.select_fraction))
+            buffer.add(*_select(run, positions, budget, _progress(run, epoch, i / n_pools), fresh_model=False))
+            while buffer.size >= cfg.batch_size:
+                step(cfg.batch_size, (i + 1) / n_pools)
+        if buffer.size:
+            step(buffer.size, 1.0)
 
 
-#: Training modes that are implemented; `subset` and `weighted` go here when they land.
-EPOCH_RUNNERS: dict[str, Callable[[_Run, int], None]] = {"online": _online_epoch}
+def _whole_set_budget(run: _Run) -> int:
+    return max(1, round(len(run.data.train) * run.config.select_fraction))
+
+
+def _select_whole_set(run: _Run, epoch: int) -> None:
+    """Score the whole training set in one Select (budget = round(N × fraction)) and keep the result.
+
+    One call, so the budget applies to the whole set; a remote scorer streams a pool this
+    big in pieces (SelectStream) by itself, the embedded one scores it in micro-batches.
+    """
+    everything = torch.arange(len(run.data.train))
+    run.selection = _select(run, everything, _whole_set_budget(run), _progress(run, epoch, 0.0), fresh_model=True)
+    run.costs.refreshes += 1
+    run.last_selection_size = int(run.selection[0].numel())
+
+
+def _subset_epoch(run: _Run, epoch: int) -> None:
+    """Train on a subset of the training set, re-selected every `refresh` epochs.
+
+    The subset is selected from the whole training set at the first epoch after warm-up
+    and then every `refresh` epochs (the strategy's resolved `refresh` option, else 1).
+    Static strategies (class attribute `static = True`, e.g. MRMC) select once and keep
+    that subset for the rest of training. Between refreshes each epoch is one shuffled
+    pass of mini-batches over the subset, with the strategy's loss weights if it returned any.
+    """
+    since_warmup = epoch - 1 - run.warmup_epochs
+    if run.selection is None or (not run.static and since_warmup % run.refresh == 0):
+        _select_whole_set(run, epoch)
+    _train_minibatches(run, epoch, *run.selection)
+
+
+def _weighted_epoch(run: _Run, epoch: int) -> None:
+    """Draw round(N × fraction) samples over the whole training set each epoch (with
+    replacement for `with_replacement` strategies such as importance sampling) and train on
+    every draw, repeats included, in shuffled mini-batches with the returned loss weights."""
+    _select_whole_set(run, epoch)
+    _train_minibatches(run, epoch, *run.selection)
+
+
+#: Training modes by name (plugins.base.MODES).
+EPOCH_RUNNERS: dict[str, Callable[[_Run, int], None]] = {
+    "online": _online_epoch,
+    "subset": _subset_epoch,
+    "weighted": _weighted_epoch,
+}
+
+
+def _run_epoch(run: _Run, mode: str, epoch: int) -> str:
+    """Run one epoch; returns what it was ("full" or the mode).
+
+    Warm-up: a strategy with a `warmup_epochs` option (MRMC, importance sampling) gets
+    that many full-data epochs first, in every mode, with reports of the training losses
+    (MRMC fits its loss curves to them; importance sampling seeds its importances). They
+    are part of --epochs and of every cost total: warm-up costs full-data time. Subset
+    refreshes count from the first epoch after warm-up. Without a scorer
+    (--select-fraction 1) every epoch is a full-data epoch.
+    """
+    kind = _epoch_kind(run, mode, epoch)
+    if kind == "full":
+        run.costs.full_data_epochs += 1
+        _full_epoch(run, epoch)
+    else:
+        EPOCH_RUNNERS[mode](run, epoch)
+    return kind
+
+
+def _epoch_kind(run: _Run, mode: str, epoch: int) -> str:
+    return "full" if run.scorer is None or epoch - 1 < run.warmup_epochs else mode
 
 
 def _positions_of(split: Split, ids: torch.Tensor) -> torch.Tensor:
@@ -337,6 +589,7 @@ def _train_step(run: _Run, positions: torch.Tensor, weights: torch.Tensor | None
 
 def _push(run: _Run) -> None:
     run.checkpoint_version += 1
+    run.pushed_at_step = run.costs.steps
     t0 = time.perf_counter()
     run.scorer.push_checkpoint(run.model, run.checkpoint_version, run.costs.steps)
     elapsed = time.perf_counter() - t0
@@ -377,7 +630,8 @@ def _cost_fields(run: _Run) -> dict[str, Any]:
     return out
 
 
-def _summary(run: _Run, mode: str, epochs: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def _summary(run: _Run, mode: str, epochs: list[dict[str, Any]], wall: float,
+             stopped_by: str | None) -> dict[str, Any]:
     cfg = run.config
     info = run.scorer.info if run.scorer is not None else None
     last = epochs[-1]
@@ -396,6 +650,14 @@ def _summary(run: _Run, mode: str, epochs: list[dict[str, Any]], wall: float) ->
         "test_loss": last["test_loss"],
         "wall_seconds": wall,
         **_cost_fields(run),
+        # Per-mode fields: warm-up, subset refresh schedule, size of the last whole-set selection.
+        "warmup_epochs": min(run.warmup_epochs, cfg.epochs) if run.scorer is not None else 0,
+        "refresh_every": None if mode != "subset" or run.scorer is None else ("static" if run.static else run.refresh),
+        "last_selection_size": run.last_selection_size,
+        "epochs_completed": len(epochs) - (1 if last.get("partial") else 0),
+        "stopped_by": stopped_by,
+        "budget_seconds": cfg.budget_seconds,
+        "budget_samples": cfg.budget_samples,
         "train_samples": len(run.data.train),
         "test_samples": len(run.data.test),
         "selection_sha256": run.selection_digest.hexdigest(),
@@ -407,12 +669,25 @@ def _summary(run: _Run, mode: str, epochs: list[dict[str, Any]], wall: float) ->
     }
 
 
-def _progress_bar(config: TrainConfig, total: int, desc: str):
-    if not config.progress or not sys.stderr.isatty():
-        return None
+@contextmanager
+def _bar(run: _Run, epoch: int, total: int):
+    """Yields `update(stats)` for one epoch's progress bar (a no-op off a terminal)."""
+    cfg = run.config
+    if not cfg.progress or not sys.stderr.isatty():
+        yield lambda stats: None
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False, dynamic_ncols=True)
+
+    def update(stats) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(stats[0].mean()):.3f}", refresh=False)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -426,6 +701,7 @@ COST_ROWS = (
     ("scoring wait", "score_seconds"),
     ("  of which server compute", "server_compute_seconds"),
     ("  of which transfer", "transfer_seconds"),
+    ("training-side reports", "report_seconds"),
     ("checkpoint pushes", "checkpoint_seconds"),
     ("evaluation", "eval_seconds"),
     ("data", "data_seconds"),

@@ -164,6 +164,11 @@ class Selector:
     #: sampling); the trainer must train on each occurrence. Such strategies
     #: always return weights (one per drawn position).
     with_replacement: ClassVar[bool] = False
+    #: True: in `subset` mode the trainer selects the subset once (after any
+    #: warm-up) and trains on it for the rest of the run (MRMC's core-set).
+    #: False: it re-selects every `refresh` epochs (the strategy's `refresh`
+    #: option when it has one, else every epoch).
+    static: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None, context: SessionContext | None = None):
         self.opts = self.resolve_options(options or {})
@@ -197,6 +202,7 @@ class Selector:
             "uses_reports": cls.uses_reports,
             "exact_budget": cls.exact_budget,
             "with_replacement": cls.with_replacement,
+            "static": cls.static,
             "options": {k: v.describe() for k, v in cls.options.items()},
         }
 

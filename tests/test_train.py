@@ -106,7 +106,9 @@ def test_returned_weights_reach_the_gradient(monkeypatch):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(strategy="no_such"), "unknown strategy"),
-    (dict(mode="subset"), "not implemented"),
+    (dict(mode="sideways"), "unknown mode"),
+    (dict(budget_seconds=0.0), "budget-seconds"),
+    (dict(budget_samples=0), "budget-samples"),
     (dict(select_fraction=0.0), "select-fraction"),
     (dict(model="no_such_model"), "unknown model"),
     (dict(policy="nope"), "unknown policy"),
