@@ -267,20 +267,49 @@ class ScoringSession:
                             self.device, self.micro_batch)
 
     def _run_strategy(self, pool: Pool, budget: int, policy: str) -> Selection:
+        """Run the strategy; whatever it gets wrong becomes a PluginError naming it and its plugin."""
+        from dataselect.plugins import selectors
+        from dataselect.plugins.base import Selector
+        from dataselect.plugins.policies import apply_policy
+
         try:
-            sel = self.selector.select(pool, budget, policy)
-        except DataselectError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"{self.plugin_label} raised {type(exc).__name__}: {exc}") from exc
-        return self._check_selection(sel, len(pool), budget)
+            try:
+                if type(self.selector).select is Selector.select:
+                    # The default select: check score()'s output before a policy indexes with it.
+                    scores = self.selector.score(pool)
+                    self._check_scores(scores, len(pool))
+                    sel = apply_policy(policy, scores, pool.labels, budget, self.selector.context.generator)
+                else:
+                    sel = self.selector.select(pool, budget, policy)
+            except DataselectError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"{self.plugin_label} raised {type(exc).__name__}: {exc}") from exc
+            return self._check_selection(sel, len(pool), budget)
+        except PluginError as exc:
+            reg = selectors().get(self.strategy)
+            if reg is None or reg.plugin in str(exc):
+                raise
+            origin = " ".join(p for p in (reg.distribution, reg.version) if p)
+            raise PluginError(f"{exc} [strategy from plugin {reg.plugin!r}, {origin}]") from exc.__cause__
+
+    def _check_scores(self, scores: Any, n: int) -> None:
+        label = self.plugin_label
+        if not isinstance(scores, torch.Tensor):
+            raise PluginError(f"{label}: score() returned {type(scores).__name__}, not a tensor of {n} scores")
+        if tuple(scores.shape) != (n,):
+            raise PluginError(f"{label}: score() returned shape {list(scores.shape)} for a pool of {n} "
+                              f"(need one score per sample, shape [{n}])")
+        if not bool(torch.isfinite(scores.detach().float()).all()):
+            raise PluginError(f"{label}: score() returned NaN or infinite scores")
 
     def _check_selection(self, sel: Any, n: int, budget: int) -> Selection:
         """Enforce the selection contract the strategy declares.
 
         `exact_budget` (default True): exactly `budget` positions; False: 1..budget.
         `with_replacement` (default False): positions are unique; True: repeats
-        are allowed and weights (one per position) are required.
+        are allowed and weights (one per position) are required. Scores, when
+        returned, are one finite value per pool sample.
         """
         label = self.plugin_label
         exact = bool(getattr(self.selector, "exact_budget", True))
@@ -296,8 +325,12 @@ class ScoringSession:
             raise PluginError(f"{label} returned pool positions outside [0, {n})")
         if not repeats and torch.unique(idx).numel() != idx.numel():
             raise PluginError(f"{label} selected the same sample twice")
-        if sel.scores is not None and not bool(torch.isfinite(sel.scores).all()):
-            raise PluginError(f"{label} produced NaN or infinite scores")
+        if sel.scores is not None:
+            scores = torch.as_tensor(sel.scores)
+            if scores.numel() != n:
+                raise PluginError(f"{label} returned {scores.numel()} scores for a pool of {n}")
+            if not bool(torch.isfinite(scores.float()).all()):
+                raise PluginError(f"{label} produced NaN or infinite scores")
         if repeats and sel.weights is None:
             raise PluginError(f"{label} draws with replacement and must return weights")
         weights = None

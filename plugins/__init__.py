@@ -4,13 +4,18 @@ Built-in strategies and models are ordinary plugins registered through the
 same hooks a third-party package implements; third-party plugins are found
 through the `dataselect` entry-point group. `DATASELECT_PLUGINS` (a comma
 list of entry-point names) restricts which third-party plugins load;
-`DATASELECT_PLUGINS_DENY` excludes some. Loading is lazy and idempotent.
+`DATASELECT_PLUGINS_DENY` excludes some (built-in plugins always load).
+Loading is lazy and idempotent. A third-party plugin that fails to import,
+implements a hook that does not exist (a misspelt name) or registers
+something invalid is not loaded; `plugins()` (and `dataselect plugins`)
+reports it with its error, a warning is logged, and the rest load.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +29,8 @@ from dataselect.plugins.base import MODES, SIGNALS, Selector
 from dataselect.plugins.policies import POLICIES
 
 ENTRY_POINT_GROUP = "dataselect"
+
+log = logging.getLogger("dataselect.plugins")
 
 #: Modules of the built-in plugins, registered before any third-party one.
 DEFAULT_PLUGINS = (
@@ -86,22 +93,59 @@ def load_plugins() -> None:
             dist = getattr(ep, "dist", None)
             dist_name = dist.name if dist is not None else "?"
             dist_version = dist.version if dist is not None else "?"
+            label = f"plugin {ep.name!r} ({dist_name} {dist_version})"
             try:
                 module = ep.load()
+            except Exception as exc:  # a broken plugin must not stop the rest
+                _fail(ep.name, f"{label} failed to import {ep.value!r}: {type(exc).__name__}: {exc}")
+                continue
+            try:
                 pm.register(module, name=ep.name)
                 pm.check_pending()
-            except Exception as exc:  # a broken plugin must not stop the rest
+            except Exception as exc:
                 if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
-                _state.failed[ep.name] = f"{type(exc).__name__}: {exc}"
+                _fail(ep.name, f"{label}: {_hook_error(module, exc)}")
                 continue
             _state.plugins[ep.name] = (dist_name, dist_version)
         _state.loaded = True
         _collect()
 
 
-def _collect() -> None:
-    """Run the registration hooks and rebuild the registries."""
+def _fail(name: str, message: str) -> None:
+    _state.failed[name] = message
+    log.warning("dataselect plugin not loaded: %s", message)
+
+
+def hook_names() -> list[str]:
+    """The hooks a plugin may implement (the specifications in `dataselect.plugins.hookspecs`)."""
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{hookspecs.PROJECT}_spec"))
+
+
+def _hook_error(plugin: Any, exc: BaseException) -> str:
+    """Name the misspelt hook(s) and the known ones; pluggy's own message only shows the plugin's repr."""
+    import difflib
+
+    known = hook_names()
+    marker = f"{hookspecs.PROJECT}_impl"
+    unknown = sorted(n for n in dir(plugin) if hasattr(getattr(plugin, n, None), marker) and n not in known)
+    if not unknown:  # e.g. a hook argument the spec does not have; pluggy's message says which
+        return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"implements unknown hook {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"{'; '.join(hints)}; dataselect's hooks are: {', '.join(known)}"
+
+
+def _collect(strict: str | None = None) -> None:
+    """Run the registration hooks and rebuild the registries.
+
+    A plugin whose registration fails (a duplicate name, an invalid class, an
+    exception in its hook) contributes nothing and is reported in `plugins()`;
+    for the plugin named `strict` (one being registered at run time) the error
+    is raised instead.
+    """
     selectors: dict[str, Registered] = {}
     models: dict[str, Registered] = {}
     for plugin_name in list(_state.plugins):
@@ -109,13 +153,19 @@ def _collect() -> None:
         if plugin is None:
             continue
         dist, version = _state.plugins[plugin_name]
+        # Register into copies: a plugin that fails half-way leaves no partial registrations.
+        mine_s, mine_m = dict(selectors), dict(models)
         try:
-            _run_hook(plugin, plugin_name, "register_selectors", _selector_register(selectors, plugin_name, dist, version))
-            _run_hook(plugin, plugin_name, "register_models", _model_register(models, plugin_name, dist, version))
-        except InvalidArgument:
-            raise
+            _run_hook(plugin, plugin_name, "register_selectors", _selector_register(mine_s, plugin_name, dist, version))
+            _run_hook(plugin, plugin_name, "register_models", _model_register(mine_m, plugin_name, dist, version))
         except Exception as exc:
-            _state.failed[plugin_name] = f"{type(exc).__name__}: {exc}"
+            if plugin_name == strict or plugin_name in DEFAULT_PLUGINS:
+                raise
+            message = str(exc) if isinstance(exc, InvalidArgument) else f"{type(exc).__name__}: {exc}"
+            _fail(plugin_name, f"plugin {plugin_name!r} ({dist} {version}) failed to register: {message}")
+            continue
+        _state.failed.pop(plugin_name, None)
+        selectors, models = mine_s, mine_m
     _state.selectors = selectors
     _state.models = models
 
@@ -160,18 +210,24 @@ def _model_register(into: dict, plugin: str, dist: str, version: str) -> Callabl
 
 
 def register_plugin(plugin: Any, name: str) -> None:
-    """Register a plugin object at run time (tests, notebooks). Undo with `unregister_plugin`."""
+    """Register a plugin object at run time (tests, notebooks). Undo with `unregister_plugin`.
+
+    Raises PluginError for a misspelt hook or a hook with unknown arguments,
+    and InvalidArgument for an invalid registration; the registries are then
+    unchanged.
+    """
     with _lock:
         load_plugins()
-        pm.register(plugin, name=name)
         try:
+            pm.register(plugin, name=name)
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            pm.unregister(name=name)
-            raise PluginError(f"plugin {name!r}: {exc}") from None
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+            raise PluginError(f"plugin {name!r}: {_hook_error(plugin, exc)}") from None
         _state.plugins[name] = ("(runtime)", "")
         try:
-            _collect()
+            _collect(strict=name)
         except Exception:
             pm.unregister(name=name)
             del _state.plugins[name]
@@ -188,13 +244,42 @@ def unregister_plugin(name: str) -> None:
         _collect()
 
 
+def _failed_note() -> str:
+    """Where a name may have gone: plugins that failed to load (see `dataselect plugins`)."""
+    if not _state.failed:
+        return ""
+    return "; plugins that failed to load (see `dataselect plugins`): " + "; ".join(_state.failed.values())
+
+
+def _reset_for_tests() -> None:
+    """Forget every entry-point plugin and load them again on next use.
+
+    For tests that fake `importlib.metadata.entry_points` or change
+    DATASELECT_PLUGINS: call it before and (in `finally`) after. Built-in and
+    run-time plugins (`register_plugin`) are kept.
+    """
+    with _lock:
+        runtime = {n: v for n, v in _state.plugins.items() if v[0] == "(runtime)"}
+        for name in list(_state.plugins) + list(_state.failed):
+            if name not in DEFAULT_PLUGINS and name not in runtime and pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+        _state.plugins.clear()
+        _state.failed.clear()
+        _state.selectors, _state.models = {}, {}
+        _state.loaded = False
+        load_plugins()
+        _state.plugins.update(runtime)
+        _collect()
+
+
 def get_selector(name: str) -> type[Selector]:
     """The strategy class registered under `name`; unknown names list the known ones."""
     load_plugins()
     try:
         return _state.selectors[name].obj
     except KeyError:
-        raise InvalidArgument(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(_state.selectors))}") from None
+        raise InvalidArgument(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(_state.selectors))}"
+                              f"{_failed_note()}") from None
 
 
 def selectors() -> dict[str, Registered]:
@@ -207,7 +292,8 @@ def get_model_builder(name: str) -> Callable:
     try:
         return _state.models[name].obj
     except KeyError:
-        raise InvalidArgument(f"unknown model {name!r}; known models: {', '.join(sorted(_state.models))}") from None
+        raise InvalidArgument(f"unknown model {name!r}; known models: {', '.join(sorted(_state.models))}"
+                              f"{_failed_note()}") from None
 
 
 def models() -> dict[str, Registered]:

@@ -1,4 +1,4 @@
-"""Hook specifications for dataselect plugins.
+"""Hook specifications for dataselect plugins: the whole plugin API.
 
 A plugin is a module (or object) with functions marked `@dataselect.hookimpl`
 whose names match the specifications below. It is found through the
@@ -7,9 +7,15 @@ whose names match the specifications below. It is found through the
     [project.entry-points.dataselect]
     my_plugin = "my_package.plugin"
 
-Rules for compatibility: arguments may be added to a hook in later versions
-but are never renamed or removed; an implementation may accept any subset of
-a hook's arguments.
+Compatibility promise: arguments can be added to a hook later but never
+removed (or renamed), so an implementation written today keeps working; an
+implementation may accept any subset of a hook's arguments (name them
+exactly as here). A function marked `@dataselect.hookimpl` whose name is not
+one of these hooks (a misspelling) makes the plugin fail at load time with a
+message naming the hook and the plugin.
+
+The README's plugin guide has one `###` heading per hook below (a test checks
+it), with the signature and this docstring.
 """
 
 from __future__ import annotations
@@ -29,19 +35,43 @@ def register_selectors(register: Callable[..., None]) -> None:
     """Register selection strategies.
 
     Call `register(SelectorClass)` once per strategy. The class subclasses
-    `dataselect.plugins.base.Selector` and sets at least `name` and
-    `description`; the name must not be taken by another plugin (a clash
-    fails at load time naming both plugins).
+    `dataselect.plugins.base.Selector` and sets at least `name` (letters,
+    digits, `_` or `-`; what users pass to `--strategy`) and `description`.
+    The registration is checked at load time: the class must be a Selector,
+    `default_mode` one of online/subset/weighted, `default_policy` one of
+    topk/class_balanced/sample/threshold, and `signals` names the engine
+    knows. A name taken by another plugin is refused with an error naming
+    both plugins. A plugin whose registration fails registers nothing and is
+    listed with its error by `dataselect plugins`; the other plugins load.
+
+    Example:
+
+        @dataselect.hookimpl
+        def register_selectors(register):
+            register(MySelector)
     """
 
 
 @hookspec
 def register_models(register: Callable[..., None]) -> None:
-    """Register model architectures for the model registry.
+    """Register model architectures, so the server and trainer can build them.
 
-    Call `register(name, builder)` once per architecture, where
-    `builder(**kwargs)` returns an `nn.Module` following the model protocol
-    of `dataselect.models` (a `features(x)` method returning penultimate
-    features and a final `nn.Linear` named `classifier`). The builder always
-    receives `num_classes`, `in_channels`, `image_size`, `mean` and `std`.
+    Call `register(name, builder)` once per architecture; `name` is what
+    users pass to `dataselect-train --model`. `builder(**kwargs)` returns an
+    `nn.Module` following the model protocol of `dataselect.models`: it takes
+    uint8 images (or floats in [0, 1]) and normalises them itself, has a
+    `features(x)` method returning penultimate features, and a final
+    `nn.Linear` named `classifier` (the signals engine uses it for
+    last-layer gradients and margins). The builder always receives
+    `num_classes`, `in_channels`, `image_size`, `mean` and `std`. Subclassing
+    `dataselect.models.Classifier` (set `self.classifier`, define
+    `body(x)` returning features) gives all of this. The plugin must be
+    installed where the server runs (the checkpoint names the model, not its
+    code). A name taken by another plugin is refused naming both plugins.
+
+    Example:
+
+        @dataselect.hookimpl
+        def register_models(register):
+            register("tiny-cnn", TinyCNN)
     """
