@@ -21,7 +21,14 @@ images, so it takes seconds and needs no data set. The rules:
 * micro-batching: scoring in micro-batches of 1 selects what one batch does;
 * state: a checkpoint update keeps the strategy instance (and its state),
   and selection still follows the rules after reports and a new checkpoint;
-* options: an unknown option is refused with InvalidArgument.
+* options: an unknown option is refused with InvalidArgument;
+* robustness: a strategy that raises, returns scores of the wrong shape or
+  NaN/infinite scores fails the checks with the scoring session's message
+  (naming the strategy and its plugin); nothing crashes the kit.
+
+It works on any registered strategy: built-in, registered at run time
+(`dataselect.plugins.register_plugin`), or installed through an entry point
+(`pip install -e .` of your plugin package).
 """
 
 from __future__ import annotations
@@ -225,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failures = 0
+    registered = selectors()
     for name in names:
+        reg = registered[name]
+        origin = " ".join(p for p in (reg.distribution, reg.version) if p)
+        print(f"{name}: from plugin {reg.plugin} ({origin})")
         for r in run_checks(name, options):
             mark = "ok  " if r.ok else "FAIL"
             print(f"{mark} {name}: {r.check}" + ("" if r.ok else f" — {r.message}"))

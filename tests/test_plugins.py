@@ -394,6 +394,7 @@ def test_conformance_command_prints_fail_lines_and_exits_nonzero(broken_plugin, 
 
     assert main(["test_nan", "high_loss"]) == 1
     out = capsys.readouterr().out
+    assert "test_nan: from plugin broken-plugin" in out
     assert "FAIL test_nan: budget and ids" in out and "NaN" in out
     assert "ok   high_loss: budget and ids" in out
     assert f"{2 * len(CHECKS) - sum(1 for l in out.splitlines() if l.startswith('FAIL'))} passed" in out
