@@ -92,7 +92,9 @@ class TrainConfig:
     test_subset: int | None = None
     output: str | None = None
     server: str | None = None
-    #: Push the checkpoint to the scorer every N optimiser steps.
+    #: Online mode: push the checkpoint to the scorer every N optimiser steps.
+    #: Subset and weighted modes push once before each whole-set selection instead
+    #: (the scorer's copy is not used in between).
     sync_every: int = 1
     #: Micro-batch for scoring (embedded) and evaluation.
     micro_batch: int = 1024

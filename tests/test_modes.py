@@ -203,3 +203,20 @@ def test_budget_seconds_stops_early_and_writes_summary(tmp_path):
 def test_no_budget_runs_every_epoch():
     s = train(_config(strategy="random", epochs=1))
     assert s["stopped_by"] is None and s["epochs_completed"] == 1
+
+
+def test_cli_budget_and_mode_flags(tmp_path):
+    """The flags `dataselect compare` passes through to dataselect-train."""
+    from click.testing import CliRunner
+
+    from dataselect.client.cli import train_command
+
+    res = CliRunner().invoke(train_command, [
+        "--dataset", "synthetic", "--device", "cpu", "--train-subset", "200", "--test-subset", "100",
+        "--batch-size", "32", "--threads", "1", "--strategy", "random", "--mode", "weighted", "--epochs", "3",
+        "--budget-samples", "100", "--output", str(tmp_path), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.output)
+    assert s["mode"] == "weighted" and s["stopped_by"] == "budget_samples" and s["budget_samples"] == 100
+    res = CliRunner().invoke(train_command, ["--dataset", "synthetic", "--budget-seconds", "0"])
+    assert res.exit_code != 0 and "budget-seconds" in res.output
