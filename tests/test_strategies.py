@@ -47,6 +47,19 @@ def test_mrmc_reports_and_selection():
     assert out.indices.tolist() == [1, 2]  # id 11 (φ≈0.995), id 10 (φ=0.875); id 12 flat: φ=0
 
 
+def test_mrmc_scoring_pass_is_the_last_point():
+    # One warm-up epoch: reported loss 1.0 (r=1), scoring pass 0.5 (r=2)
+    # -> w = 2, q = 2, H = 2: φ = 2 (1 - 2^-2) = 1.5. A loss that rose gets 0.
+    sel = make("mrmc", warmup_epochs=1, rho=1.0)
+    ids = torch.tensor([5, 6])
+    sel.on_report(ids, torch.tensor([1.0, 0.2]), None, None, Progress(epoch=0))
+    phi = sel.reduction(ids, torch.tensor([0.5, 0.4]))
+    assert phi[0].item() == pytest.approx(1.5, rel=1e-6)
+    assert phi[1].item() == 0.0
+    out = sel.select(pool(ids, loss=torch.tensor([0.5, 0.4]), features=torch.randn(2, 3)), 1, "topk")
+    assert out.indices.tolist() == [0]
+
+
 def test_mrmc_balance_fills_budget_uniquely():
     sel = make("mrmc", warmup_epochs=2, rho=0.3, gamma=2.0)
     n = 40

@@ -40,10 +40,13 @@ class MRMCSelector(Selector):
 
     Training-side reports during the first `warmup_epochs` epochs (0-based
     `Progress.epoch` < warmup_epochs, full-data training) record each sample's
-    loss once per epoch (a later report in the same epoch overwrites). At
-    selection each sample's curve is fitted as ℓ^(r) ≈ q·w^−r (r = 1..R,
-    R = warmup_epochs) and scored φ = q(1 − w^−R). Samples never reported, or
-    reported in fewer than two epochs, get φ = 0.
+    loss once per epoch (a later report in the same epoch overwrites): points
+    r = 1..R. The selection's own scoring pass, made with the model as it is
+    after warm-up, adds the end-of-warm-up loss as point r = R + 1 (the
+    "scoring pass at epoch end" of STRATEGIES.md), so one warm-up epoch
+    already gives two points. Each sample's curve is fitted as
+    ℓ^(r) ≈ q·w^−r and scored φ = q(1 − w^−H), H = the number of points
+    (R + 1 with the scoring pass). Samples with fewer than two points get φ = 0.
 
     Balance (MRMC-R, `rho` < 1): the top ⌈rho·k⌉ by φ are taken; a softmax
     linear proxy is fitted on their penultimate features (standardised,
@@ -56,11 +59,11 @@ class MRMCSelector(Selector):
     description = "Maximum loss reduction as maximum contribution, balanced by a linear proxy (MRMC-R, seed 001)."
     default_mode = "subset"
     default_policy = "topk"
-    signals = frozenset({"features"})
+    signals = frozenset({"features", "loss"})
     uses_reports = True
     static = True
     options = {
-        "warmup_epochs": Option(int, 10, "full-data epochs whose losses are fitted (R)", min=2),
+        "warmup_epochs": Option(int, 10, "full-data epochs whose losses are fitted (R); the selection's scoring pass adds one more point", min=1),
         "rho": Option(float, 0.3, "fraction of the budget taken by φ alone (1 = plain MRMC)", min=0.0, max=1.0),
         "gamma": Option(float, 2.0, "penalty on the proxy's true-class probability", min=0.0),
     }
@@ -79,12 +82,15 @@ class MRMCSelector(Selector):
         rows = self.table.rows(ids)
         self.table.data["loss"][rows, col] = losses.double()
 
-    def reduction(self, ids: torch.Tensor) -> torch.Tensor:
+    def reduction(self, ids: torch.Tensor, current_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """φ for `ids`; `current_loss` (the scoring pass after warm-up) is the last point when given."""
         curves, _ = self.table.gather("loss", ids)
-        return fit_reduction(curves, self.opts["warmup_epochs"])
+        if current_loss is not None:
+            curves = torch.cat([curves.double(), current_loss.double().reshape(-1, 1)], dim=1)
+        return fit_reduction(curves, curves.shape[1])
 
     def select(self, pool: Pool, budget: int, policy: str) -> Selection:
-        phi = self.reduction(pool.ids).float()
+        phi = self.reduction(pool.ids, pool.signals.get("loss")).float()
         if policy != "topk":
             return apply_policy(policy, phi, pool.labels, budget, self.context.generator)
         first = min(budget, math.ceil(self.opts["rho"] * budget))
