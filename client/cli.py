@@ -73,6 +73,18 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
                    "then evaluate and write the summary (stopped_by: budget_seconds).")
 @click.option("--budget-samples", type=click.IntRange(min=1), default=None, metavar="N",
               help="Stop training once N samples have been trained on (stopped_by: budget_samples).")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None, metavar="FILE",
+              help="File holding the server's bearer token (default: env DATASELECT_TOKEN).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), default=None, metavar="PEM",
+              help="CA certificate to verify a TLS server (use with a server started with --tls-cert).")
+@click.option("--on-server-failure", type=click.Choice(["retry", "fallback"]), default="retry", show_default=True,
+              help="When the server goes away: retry (reconnect with backoff, reopen the session, re-upload the "
+                   "checkpoint; fail after --retry-seconds) or fallback (then score in-process for the rest of the run).")
+@click.option("--retry-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="How long to keep reconnecting to a lost server.")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
+              help="Continue the run whose --output was DIR from its last finished epoch "
+                   "(its saved options are used; --server may point it at a new server).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, per-epoch lines or cost table.")
 def train_command(**kw) -> None:
@@ -82,8 +94,14 @@ def train_command(**kw) -> None:
     runs in dataselect-server. The run ends with the test accuracy and the
     time split between training, scoring, transfer, evaluation and data.
     """
-    from dataselect.client.train import TrainConfig, format_cost_table, train
+    from dataselect.client.train import TrainConfig, format_cost_table, resume, train
 
+    quiet = kw["quiet"]
+    log = None if quiet else (lambda msg: click.echo(msg, err=True))
+    if kw["resume"]:
+        summary = resume(kw["resume"], server=kw["server"], log=log)
+        _finish(summary, quiet, kw["as_json"], format_cost_table)
+        return
     config = TrainConfig(
         strategy=kw["strategy"], options=_parse_options(kw["options"]), policy=kw["policy"], mode=kw["mode"] or "",
         dataset=kw["dataset"], data_dir=kw["data_dir"], download=kw["download"], model=kw["model"],
@@ -93,17 +111,18 @@ def train_command(**kw) -> None:
         output=kw["output"], server=kw["server"], sync_every=kw["sync_every"], micro_batch=kw["micro_batch"],
         init_from=kw["init_from"], progress=not kw["quiet"],
         budget_seconds=kw["budget_seconds"], budget_samples=kw["budget_samples"],
+        token_file=kw["token_file"], tls_ca=kw["tls_ca"], on_server_failure=kw["on_server_failure"],
+        retry_seconds=kw["retry_seconds"],
     )
-    quiet = kw["quiet"]
-    log = None if quiet else (lambda msg: click.echo(msg, err=True))
-    summary = train(config, log=log)
+    _finish(train(config, log=log), quiet, kw["as_json"], format_cost_table)
+
+
+def _finish(summary: dict, quiet: bool, as_json: bool, format_cost_table) -> None:
     if not quiet:
         click.echo(format_cost_table(summary), err=True)
-    if kw["as_json"]:
+    if as_json:
         click.echo(json.dumps(summary, indent=2))
-    elif quiet:
-        pass
-    else:
+    elif not quiet:
         click.echo(f"test_accuracy {summary['test_accuracy']:.4f}")
 
 

@@ -45,7 +45,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,6 +106,13 @@ class TrainConfig:
     budget_seconds: float | None = None
     #: Stop training once this many samples have been trained on; None = no limit.
     budget_samples: int | None = None
+    #: Remote scoring: bearer token file (else $DATASELECT_TOKEN), CA for TLS.
+    token_file: str | None = None
+    tls_ca: str | None = None
+    #: Remote scoring: "retry" (reconnect with backoff for `retry_seconds`, then fail)
+    #: or "fallback" (then score in-process for the rest of the run).
+    on_server_failure: str = "retry"
+    retry_seconds: float = 60.0
 
 
 @dataclass
@@ -158,6 +165,8 @@ class _Run:
     t_start: float = 0.0
     #: Dataset loading time, kept out of the --budget-seconds clock.
     load_seconds: float = 0.0
+    #: Scorer counters from before a resume (checkpoint_bytes, pushes, reconnects).
+    counter_offset: dict[str, int] = field(default_factory=dict)
 
 
 def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -203,7 +212,37 @@ def validate_config(config: TrainConfig) -> str:
     return mode
 
 
-def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+RESUME_FILE = "checkpoint.pt"
+
+
+def resume(output: str | Path, *, server: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Continue a run from the checkpoint it wrote at its last finished epoch in `output`.
+
+    The model, optimiser, shuffling generator, costs and per-epoch metrics are
+    restored, so the resumed run's figures cover the whole run. The strategy's
+    per-sample state (e.g. loss histories) is not part of the trainer's
+    checkpoint and starts afresh, as after a server restart. `server` replaces
+    the saved server address (the server may have moved).
+    """
+    path = Path(output) / RESUME_FILE
+    if not path.is_file():
+        raise InvalidArgument(f"--resume {output}: no {RESUME_FILE} there; resume needs the --output DIR of an earlier run")
+    ckpt = load_checkpoint(path)
+    state, saved = ckpt.get("resume"), ckpt.get("config")
+    if not isinstance(state, dict) or not isinstance(saved, dict):
+        raise InvalidArgument(f"--resume {output}: {RESUME_FILE} was not written by dataselect-train (no resume state)")
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    config.output = str(output)
+    if server is not None:
+        config.server = server
+    if state["epoch"] >= config.epochs:
+        raise InvalidArgument(f"--resume {output}: the run already finished all {config.epochs} epoch(s); see its summary.json")
+    return train(config, log=log, _resume=ckpt)
+
+
+def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
+          _resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, evaluate each epoch, and return the summary (also written under `config.output`)."""
     t_start = time.perf_counter()
     mode = validate_config(config)
@@ -230,16 +269,33 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
     out_dir = Path(config.output) if config.output else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").write_text("")
+        previous = _resume["resume"]["epochs"] if _resume is not None else []
+        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in previous))
 
+    epochs: list[dict[str, Any]] = []
+    shuffle = torch.Generator().manual_seed(config.seed)
+    first_epoch, counter_offset = 1, {}
+    if _resume is not None:
+        state = _resume["resume"]
+        load_state(model, _resume["state_dict"], model_name=config.model)
+        optimizer.load_state_dict(_resume["optimizer"])
+        costs = Costs(**{**state["costs"], "data_seconds": state["costs"]["data_seconds"] + load_seconds})
+        epochs = list(state["epochs"])
+        shuffle.set_state(state["shuffle_state"])
+        first_epoch = int(state["epoch"]) + 1
+        counter_offset = dict(state["counters"])
+        t_start -= float(state["wall_seconds"])  # wall-clock covers the whole run
     scorer, remote = _open_scorer(config, data, model_kwargs, device)
     run = _Run(config, data, model, optimizer, device, scorer, remote, costs,
-               shuffle=torch.Generator().manual_seed(config.seed), t_start=t_start, load_seconds=load_seconds)
+               shuffle=shuffle, t_start=t_start, load_seconds=load_seconds, counter_offset=counter_offset)
+    if _resume is not None:
+        run.checkpoint_version = int(_resume.get("version", 0))
+        run.selection_digest.update(str(_resume["resume"]["selection_sha256"]).encode())
+        counter_offset["resumes"] = counter_offset.get("resumes", 0) + 1
     _mode_settings(run)
-    epochs: list[dict[str, Any]] = []
     stopped_by: str | None = None
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(first_epoch, config.epochs + 1):
             partial = False
             try:
                 kind = _run_epoch(run, mode, epoch)
@@ -251,6 +307,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
                     **_cost_fields(run)}
             epochs.append(line)
             if out_dir is not None:
+                # The resume point first: it is the authority a resumed run rewrites metrics from.
+                if not partial:
+                    _save_resume_point(run, epoch, epochs, model_kwargs, out_dir)
                 with open(out_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(line) + "\n")
             if log is not None:
@@ -267,11 +326,26 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
         if scorer is not None:
             scorer.close()
     if out_dir is not None:
-        ckpt = make_checkpoint(config.model, model_kwargs, model, version=run.checkpoint_version,
-                               step=costs.steps, optimizer=optimizer, config=asdict(config))
-        save_checkpoint(ckpt, out_dir / "checkpoint.pt")
+        _save_resume_point(run, len(epochs), epochs, model_kwargs, out_dir)
         _write_json_atomic(out_dir / "summary.json", summary)
     return summary
+
+
+def _save_resume_point(run: _Run, epoch: int, epochs: list[dict[str, Any]], model_kwargs: dict, out_dir: Path) -> None:
+    """The run's checkpoint after a finished epoch: weights plus what `resume` needs (plain data)."""
+    counters = _cost_fields(run)
+    ckpt = make_checkpoint(run.config.model, model_kwargs, run.model, version=run.checkpoint_version,
+                           step=run.costs.steps, optimizer=run.optimizer, config=asdict(run.config))
+    ckpt["resume"] = {
+        "epoch": epoch,
+        "costs": asdict(run.costs),
+        "epochs": epochs,
+        "shuffle_state": run.shuffle.get_state(),
+        "wall_seconds": time.perf_counter() - run.t_start,
+        "counters": {k: counters[k] for k in ("checkpoint_bytes", "checkpoint_pushes", "reconnects", "resumes")},
+        "selection_sha256": run.selection_digest.hexdigest(),
+    }
+    save_checkpoint(ckpt, out_dir / RESUME_FILE)
 
 
 # -- setup ------------------------------------------------------------------------------
@@ -306,7 +380,9 @@ def _open_scorer(config: TrainConfig, data: Dataset, model_kwargs: dict, device:
     if config.server:
         from dataselect.client.remote import RemoteScorer  # grpc only loads when a server is used
 
-        return RemoteScorer(config.server, spec), True
+        return RemoteScorer(config.server, spec, token_file=config.token_file, tls_ca=config.tls_ca,
+                            retry_seconds=config.retry_seconds, on_server_failure=config.on_server_failure,
+                            fallback_device=device), True
     return EmbeddedScorer(spec, device=device, micro_batch=config.micro_batch), False
 
 
@@ -626,9 +702,12 @@ def _evaluate(run: _Run) -> tuple[float, float]:
 def _cost_fields(run: _Run) -> dict[str, Any]:
     out: dict[str, Any] = asdict(run.costs)
     counters = run.scorer.counters if run.scorer is not None else None
-    out["checkpoint_bytes"] = counters.checkpoint_bytes if counters else 0
-    out["checkpoint_pushes"] = counters.checkpoint_pushes if counters else 0
-    out["reconnects"] = counters.reconnects if counters else 0
+    offset = run.counter_offset
+    out["checkpoint_bytes"] = (counters.checkpoint_bytes if counters else 0) + offset.get("checkpoint_bytes", 0)
+    out["checkpoint_pushes"] = (counters.checkpoint_pushes if counters else 0) + offset.get("checkpoint_pushes", 0)
+    out["reconnects"] = (counters.reconnects if counters else 0) + offset.get("reconnects", 0)
+    out["resumes"] = offset.get("resumes", 0)
+    out["fallback"] = bool(counters.extra.get("fallback")) if counters else False
     return out
 
 

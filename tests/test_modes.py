@@ -196,7 +196,9 @@ def test_budget_seconds_stops_early_and_writes_summary(tmp_path):
     assert s["stopped_by"] == "budget_seconds"
     assert s["epochs_completed"] < 1000
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines and lines[-1]["partial"] and json.loads((tmp_path / "summary.json").read_text())["stopped_by"]
+    assert lines and json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "budget_seconds"
+    # The budget may run out mid-epoch (a partial last line) or exactly at an epoch's end.
+    assert s["epochs_completed"] == len(lines) - (1 if lines[-1]["partial"] else 0)
     assert 0 < s["test_accuracy"] <= 1
 
 
