@@ -24,8 +24,8 @@ class RandomSelector(Selector):
 
     def select(self, pool: Pool, budget: int, policy: str) -> Selection:
         # Any policy over random scores is still a uniform draw; keep weights at 1.
-        sel = apply_policy("topk" if policy == "sample" else policy, self.score(pool), pool.labels, budget, self.context.generator)
-        return sel
+        return apply_policy("topk" if policy == "sample" else policy, self.score(pool), pool.labels, budget,
+                            self.context.generator)
 
 
 class HighLossSelector(Selector):
