@@ -781,9 +781,10 @@ COST_ROWS = (
     ("training (fwd+bwd+opt)", "train_seconds"),
     ("scoring wait", "score_seconds"),
     ("  of which server compute", "server_compute_seconds"),
-    ("  of which transfer", "transfer_seconds"),
     ("training-side reports", "report_seconds"),
     ("checkpoint pushes", "checkpoint_seconds"),
+    # Wire + codec time of Selects and checkpoint pushes: part of the two rows above.
+    ("transfer (within the above)", "transfer_seconds"),
     ("evaluation", "eval_seconds"),
     ("data", "data_seconds"),
 )
