@@ -177,3 +177,8 @@ def test_dynams_selects_smallest_margins_and_schedule():
     p1 = pool(torch.arange(4), boundary_margin=m, progress=Progress(epoch=4, total_epochs=4))
     assert sched.select(p0, 4, "topk").indices.numel() == 1
     assert sched.select(p1, 4, "topk").indices.numel() == 4
+
+
+def test_dynams_psp_proxy_is_refused_not_faked():
+    with pytest.raises(InvalidArgument, match="proxy=psp .* not implemented"):
+        make("dynams", proxy="psp")

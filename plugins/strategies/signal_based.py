@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from dataselect.errors import InvalidArgument
+
 from dataselect.plugins.base import Option, Pool, Selection, Selector
 from dataselect.plugins.policies import apply_policy
 
@@ -66,9 +68,9 @@ class DynaMSSelector(Selector):
     (Progress.fraction, or epoch/total_epochs), growing from budget/2^exponent
     to budget; the selection is then variable-size (`exact_budget` False).
 
-    `proxy=psp` is accepted but APPROXIMATED: margins come from the full model
-    (the parameter-sharing proxy network is not implemented), so the result is
-    the proxy's ideal (agreement 1.0) at full-model cost.
+    `proxy=psp` (the parameter-sharing proxy) is part of the interface but not
+    implemented yet: it is refused with a clear error rather than silently
+    computed with the full model. `proxy=none` scores with the full model.
     """
 
     name = "dynams"
@@ -83,7 +85,7 @@ class DynaMSSelector(Selector):
         "schedule": Option(str, "constant", "selection size over training: constant or power",
                            choices=("constant", "power")),
         "exponent": Option(float, 2.0, "schedule=power: size = budget·((1+t)/2)^exponent", min=0.0),
-        "proxy": Option(str, "none", "psp: accepted, approximated by the full model (no proxy network yet)",
+        "proxy": Option(str, "none", "none: margins from the full model; psp: the parameter-sharing proxy (not implemented yet: refused)",
                         choices=("none", "psp")),
     }
 
@@ -92,6 +94,8 @@ class DynaMSSelector(Selector):
         self.signal = "logit_margin" if self.opts["kind"] == "logit" else "boundary_margin"
         self.signals = frozenset({self.signal})
         self.exact_budget = self.opts["schedule"] == "constant"
+        if self.opts["proxy"] == "psp":
+            raise InvalidArgument("dynams: proxy=psp (parameter-sharing proxy) is not implemented yet; use proxy=none")
 
     def score(self, pool: Pool) -> torch.Tensor:
         return -pool.signals[self.signal]
