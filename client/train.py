@@ -326,7 +326,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
         if scorer is not None:
             scorer.close()
     if out_dir is not None:
-        _save_resume_point(run, len(epochs), epochs, model_kwargs, out_dir)
+        if epochs and epochs[-1].get("partial"):
+            # A finished epoch was saved in the loop; a budget-stopped one still needs its final weights on disk.
+            _save_resume_point(run, len(epochs), epochs, model_kwargs, out_dir)
         _write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
