@@ -166,6 +166,8 @@ class RemoteScorer:
             session_id=resp.session_id, strategy=resp.strategy,
             resolved_options=json.loads(resp.resolved_options_json or "{}"), default_mode=resp.default_mode,
             policy=resp.policy, device=resp.device, signals=list(resp.signals), uses_reports=resp.uses_reports,
+            proxy_width_ratio=resp.proxy.width_ratio if resp.HasField("proxy") else 0.0,
+            proxy_loss_weight=resp.proxy.loss_weight if resp.HasField("proxy") else 0.0,
         )
 
     @property
@@ -223,7 +225,8 @@ class RemoteScorer:
         compute = resp.cost.compute_seconds
         return ScoreReply(selected_ids=selected, weights=weights, scores=scores,
                           checkpoint_version=resp.checkpoint_version, server_compute_seconds=compute,
-                          samples_scored=resp.cost.samples_scored, transfer_seconds=max(0.0, wall - compute))
+                          samples_scored=resp.cost.samples_scored, transfer_seconds=max(0.0, wall - compute),
+                          diagnostics=json.loads(resp.diagnostics_json) if resp.diagnostics_json else {})
 
     def report(self, ids: torch.Tensor, losses: torch.Tensor, true_class_probs: torch.Tensor | None,
                correct: torch.Tensor | None, progress: Progress) -> None:

@@ -46,6 +46,10 @@ class SessionInfo:
     device: str
     signals: list[str]
     uses_reports: bool
+    #: Parameter-sharing proxy (DynaMS PSP): train the model's slim sub-network with this
+    #: fraction of the channels jointly, loss weight `proxy_loss_weight`; 0 = no proxy.
+    proxy_width_ratio: float = 0.0
+    proxy_loss_weight: float = 0.0
 
 
 @dataclass
@@ -58,6 +62,8 @@ class ScoreReply:
     samples_scored: int
     #: time spent encoding, on the wire and decoding (0 for embedded)
     transfer_seconds: float = 0.0
+    #: figures about this selection (e.g. "proxy_rank_correlation"), name: JSON value
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +108,9 @@ class EmbeddedScorer:
             default_mode=cls.default_mode, policy=self.session.policy, device=str(self.session.device),
             signals=sorted(self.session.signals), uses_reports=cls.uses_reports,
         )
+        if self.session.proxy is not None:
+            self.info.proxy_width_ratio = self.session.proxy.ratio
+            self.info.proxy_loss_weight = self.session.proxy.loss_weight
         self.counters = ScorerCounters()
 
     def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:
@@ -113,7 +122,7 @@ class EmbeddedScorer:
         res = self.session.select([PoolChunk(ids=ids, labels=labels, inputs=inputs)], budget,
                                   progress=progress, return_scores=return_scores)
         return ScoreReply(res.selected_ids, res.weights, res.scores, res.checkpoint_version,
-                          res.compute_seconds, res.samples_scored)
+                          res.compute_seconds, res.samples_scored, diagnostics=res.diagnostics)
 
     def report(self, ids, losses, true_class_probs, correct, progress) -> None:
         self.session.report(ids, losses, true_class_probs, correct, progress)

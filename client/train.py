@@ -62,6 +62,7 @@ from dataselect.models import build_model
 from dataselect.plugins import get_model_builder, get_selector
 from dataselect.plugins.base import MODES, Progress
 from dataselect.plugins.policies import POLICIES
+from dataselect.proxy import build_proxy, proxy_logits
 
 
 @dataclass
@@ -167,6 +168,13 @@ class _Run:
     load_seconds: float = 0.0
     #: Scorer counters from before a resume (checkpoint_bytes, pushes, reconnects).
     counter_offset: dict[str, int] = field(default_factory=dict)
+    #: DynaMS PSP: the model's slim sub-network, trained jointly with loss weight `proxy_weight`
+    #: (its parameters are views of the model's; None: no proxy).
+    proxy: nn.Module | None = None
+    proxy_weight: float = 0.0
+    #: Diagnostics of the Selects since the last epoch line (e.g. the proxy's rank correlation), and the latest.
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    last_diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -293,6 +301,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
         run.selection_digest.update(str(_resume["resume"]["selection_sha256"]).encode())
         counter_offset["resumes"] = counter_offset.get("resumes", 0) + 1
     _mode_settings(run)
+    _proxy_settings(run, model_kwargs)
     stopped_by: str | None = None
     try:
         for epoch in range(first_epoch, config.epochs + 1):
@@ -304,7 +313,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
             acc, loss = _evaluate(run)
             line = {"epoch": epoch, "test_accuracy": acc, "test_loss": loss,
                     "wall_seconds": time.perf_counter() - t_start, "epoch_kind": kind, "partial": partial,
-                    **_cost_fields(run)}
+                    **_cost_fields(run), **_epoch_diagnostics(run)}
             epochs.append(line)
             if out_dir is not None:
                 # The resume point first: it is the authority a resumed run rewrites metrics from.
@@ -369,6 +378,41 @@ def _mode_settings(run: _Run) -> None:
     run.warmup_epochs = int(opts.get("warmup_epochs", 0) or 0)
     run.refresh = int(opts.get("refresh", 1) or 1)
     run.static = bool(getattr(get_selector(run.config.strategy), "static", False))
+
+
+def _proxy_settings(run: _Run, model_kwargs: dict) -> None:
+    """Build the slim sub-network to train jointly when the scorer scores with a parameter-sharing proxy."""
+    info = run.scorer.info if run.scorer is not None else None
+    if info is None or not info.proxy_width_ratio:
+        return
+    run.proxy = build_proxy(run.config.model, model_kwargs, info.proxy_width_ratio, full=run.model,
+                            who=f"strategy {run.config.strategy!r} (parameter-sharing proxy)").to(run.device).train()
+    run.proxy_weight = float(info.proxy_loss_weight)
+
+
+def _epoch_diagnostics(run: _Run) -> dict[str, Any]:
+    """{"diagnostics": mean of each numeric figure over this epoch's Selects}, or {} when there were none."""
+    means = _mean_figures(run.diagnostics)
+    run.diagnostics = []
+    return {"diagnostics": means} if means else {}
+
+
+def _mean_figures(items: list[dict[str, Any]]) -> dict[str, float]:
+    sums: dict[str, list[float]] = {}
+    for item in items:
+        for key, value in item.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                sums.setdefault(key, []).append(float(value))
+    return {key: sum(v) / len(v) for key, v in sums.items()}
+
+
+def _open_scorer_distributed(ctx: Any, config: TrainConfig, data: Dataset, model_kwargs: dict,
+                             device: torch.device) -> tuple[Scorer | None, bool]:
+    """torchrun: rank 0 opens the scorer, every rank gets a DistributedScorer in front of it."""
+    if config.select_fraction >= 1.0:
+        return None, False
+    scorer = _distributed.DistributedScorer(ctx, lambda: _open_scorer(config, data, model_kwargs, device)[0])
+    return scorer, bool(config.server)
 
 
 def _open_scorer(config: TrainConfig, data: Dataset, model_kwargs: dict, device: torch.device) -> tuple[Scorer | None, bool]:
@@ -453,6 +497,9 @@ def _select(run: _Run, positions: torch.Tensor, budget: int, progress: Progress,
     costs.server_compute_seconds += reply.server_compute_seconds
     costs.transfer_seconds += reply.transfer_seconds
     costs.samples_scored += int(reply.samples_scored)
+    if reply.diagnostics:
+        run.diagnostics.append(reply.diagnostics)
+        run.last_diagnostics = reply.diagnostics
     chosen = _positions_of(split, reply.selected_ids)
     if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
         raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(positions)}")
@@ -653,6 +700,11 @@ def _train_step(run: _Run, positions: torch.Tensor, weights: torch.Tensor | None
     logits = run.model(x)
     per_sample = F.cross_entropy(logits.float(), y, reduction="none")
     loss = weighted_loss(per_sample, weights)
+    if run.proxy is not None:
+        # DynaMS PSP: the sub-network that scores is trained jointly, through views of the
+        # model's own parameters; its forward and backward are training cost.
+        proxy_per_sample = F.cross_entropy(proxy_logits(run.model, run.proxy, x).float(), y, reduction="none")
+        loss = loss + run.proxy_weight * weighted_loss(proxy_per_sample, weights)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -737,6 +789,11 @@ def _summary(run: _Run, mode: str, epochs: list[dict[str, Any]], wall: float,
         "warmup_epochs": min(run.warmup_epochs, cfg.epochs) if run.scorer is not None else 0,
         "refresh_every": None if mode != "subset" or run.scorer is None else ("static" if run.static else run.refresh),
         "last_selection_size": run.last_selection_size,
+        # DynaMS PSP: the jointly trained proxy; diagnostics = mean of the per-epoch means, and the last Select's.
+        "proxy_width_ratio": info.proxy_width_ratio if info and info.proxy_width_ratio else None,
+        "proxy_loss_weight": run.proxy_weight if run.proxy is not None else None,
+        "diagnostics": _mean_figures([e["diagnostics"] for e in epochs if e.get("diagnostics")]),
+        "diagnostics_last": dict(run.last_diagnostics),
         "epochs_completed": len(epochs) - (1 if last.get("partial") else 0),
         "stopped_by": stopped_by,
         "budget_seconds": cfg.budget_seconds,
@@ -803,6 +860,10 @@ def format_cost_table(summary: dict[str, Any]) -> str:
     for label, key in COST_ROWS:
         lines.append(f"{label:<27}{summary[key]:>10.2f}{100 * summary[key] / wall:>8.1f}%")
     lines.append(f"{'wall':<27}{summary['wall_seconds']:>10.2f}")
+    if summary.get("proxy_width_ratio"):
+        rho = summary.get("diagnostics", {}).get("proxy_rank_correlation")
+        lines.append(f"proxy: width ratio {summary['proxy_width_ratio']:g} trained jointly (its cost is in training)"
+                     + ("" if rho is None else f", rank correlation of its margins with the full model's {rho:.3f}"))
     lines.append(
         f"samples trained {summary['samples_trained']}, scored {summary['samples_scored']}, "
         f"checkpoint pushes {summary['checkpoint_pushes']} ({summary['checkpoint_bytes']} bytes)"

@@ -7,6 +7,9 @@ Protocol (what the signals engine relies on):
   trainer and the scoring server can never disagree about it.
 * `model.features(x)` returns the penultimate features `h` `[N, D]`.
 * `model.classifier` is the final `nn.Linear`, so `model(x) == classifier(features(x))`.
+* Optional: the builder's `slim_kwargs(kwargs, ratio)` returns the kwargs of a
+  narrower twin whose every tensor is a leading slice of the full model's
+  (the parameter-sharing proxy, `dataselect.proxy`; mixin `Slimmable`).
 
 Architectures are registered through the `register_models` hook (the
 built-ins in `dataselect.plugins.builtin_models`); `build_model(name, **kw)`
@@ -67,8 +70,34 @@ def _flat_size(module: nn.Module, in_channels: int, image_size: int) -> int:
         return int(module(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1])
 
 
-class SmallCNN(Classifier):
+class Slimmable:
+    """Mixin for models with a parameter-sharing sub-network (DynaMS's proxy, `dataselect.proxy`).
+
+    `slim_widths` names the builder arguments that set layer widths; the slim
+    twin scales each by the ratio. The architecture must be such that every
+    tensor of the slim model is the leading slice of the full model's (true
+    when widths only set channel/unit counts and flattening is channel-major).
+    """
+
+    slim_widths: tuple[str, ...] = ()
+
+    @classmethod
+    def slim_kwargs(cls, kwargs: dict, ratio: float) -> dict:
+        """The builder kwargs of the same architecture with `ratio` of each width (at least 2)."""
+        import inspect
+
+        params = inspect.signature(cls).parameters
+        out = dict(kwargs)
+        for name in cls.slim_widths:
+            full = int(kwargs.get(name, params[name].default))
+            out[name] = min(full, max(2, round(full * ratio)))
+        return out
+
+
+class SmallCNN(Slimmable, Classifier):
     """Two conv layers (the seed's shallow CNN)."""
+
+    slim_widths = ("width", "hidden")
 
     def __init__(self, num_classes=10, in_channels=1, image_size=28, mean=(0.5,), std=(0.5,), width=32, hidden=128):
         super().__init__(mean, std)
@@ -83,8 +112,10 @@ class SmallCNN(Classifier):
         return self.fc(self.conv(x))
 
 
-class DeepCNN(Classifier):
+class DeepCNN(Slimmable, Classifier):
     """`depth` conv layers with batch norm (default 6) in three stages, then global average pooling."""
+
+    slim_widths = ("width",)
 
     def __init__(self, num_classes=10, in_channels=1, image_size=28, mean=(0.5,), std=(0.5,), width=32, depth=6):
         super().__init__(mean, std)
@@ -107,8 +138,10 @@ class DeepCNN(Classifier):
         return self.conv(x)
 
 
-class MLP(Classifier):
+class MLP(Slimmable, Classifier):
     """Two hidden layers on flattened pixels."""
+
+    slim_widths = ("hidden",)
 
     def __init__(self, num_classes=10, in_channels=1, image_size=28, mean=(0.5,), std=(0.5,), hidden=256):
         super().__init__(mean, std)

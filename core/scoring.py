@@ -7,10 +7,11 @@ strategy behaves identically with or without a server.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -29,6 +30,7 @@ from dataselect.models import build_model
 from dataselect.plugins import get_selector
 from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
 from dataselect.plugins.policies import POLICIES
+from dataselect.proxy import SessionProxy
 
 log = logging.getLogger("dataselect.scoring")
 
@@ -62,6 +64,8 @@ class SelectResult:
     checkpoint_version: int
     compute_seconds: float
     samples_scored: int
+    #: Figures about this selection for the trainer's metrics (the proxy's agreement, the strategy's own).
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 class ScoringSession:
@@ -110,6 +114,13 @@ class ScoringSession:
         self.model_kwargs = dict(model_kwargs)
         self.model = self._build_model()
         self.input_shape = self._input_shape()
+        self.proxy: SessionProxy | None = None
+        if getattr(self.selector, "proxy_width_ratio", None) is not None:
+            # DynaMS PSP: the signals come from the model's slim sub-network (dataselect.proxy).
+            self.proxy = SessionProxy(
+                model_name, self.model_kwargs, self.selector.proxy_width_ratio, self.model, self.device,
+                loss_weight=self.selector.proxy_loss_weight, agreement_sample=self.selector.proxy_agreement_sample,
+                input_shape=self.input_shape, who=f"strategy {strategy!r} (parameter-sharing proxy)")
         self.signals = frozenset(self.selector.signals)
         self.checkpoint_version: int | None = None
         self.lock = threading.Lock()
@@ -213,12 +224,19 @@ class ScoringSession:
             t0 = time.perf_counter()
             ids_parts, label_parts = [], []
             signal_parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.signals}
+            chunks = self._checked(chunks)
+            proxy = self.proxy if self.signals else None
+            if proxy is not None:  # the slim sub-network scores; the full model only measures agreement
+                proxy.sync(self.model, self.checkpoint_version)
+                chunks = proxy.calibrating(chunks)
+                agreement = proxy.agreement(self._compute_signals)
             for chunk in chunks:
-                self.check_chunk(chunk)
                 ids_parts.append(chunk.ids)
                 label_parts.append(chunk.labels.long())
                 if self.signals:
-                    got = self._compute_signals(chunk.inputs, chunk.labels)
+                    got = self._compute_signals(chunk.inputs, chunk.labels, model=None if proxy is None else proxy.model)
+                    if proxy is not None:
+                        agreement.observe(chunk.inputs, chunk.labels, got)
                     for k, v in got.items():
                         signal_parts[k].append(v)
             ids = torch.cat(ids_parts) if ids_parts else torch.empty(0, dtype=torch.long)
@@ -233,6 +251,9 @@ class ScoringSession:
             pool = Pool(ids=ids, labels=labels,
                         signals={k: torch.cat(v) for k, v in signal_parts.items()}, progress=progress)
             sel = self._run_strategy(pool, budget, policy)
+            diagnostics = dict(sel.diagnostics or {})
+            if proxy is not None:
+                diagnostics.update(agreement.result())
             synchronize(self.device)
             elapsed = time.perf_counter() - t0
         return SelectResult(
@@ -242,15 +263,21 @@ class ScoringSession:
             checkpoint_version=-1 if self.checkpoint_version is None else self.checkpoint_version,
             compute_seconds=elapsed,
             samples_scored=n,
+            diagnostics=diagnostics,
         )
 
-    def _compute_signals(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The engine's signals; out of memory halves the micro-batch and retries, down to 1."""
+    def _checked(self, chunks: Iterable[PoolChunk]) -> Iterable[PoolChunk]:
+        for chunk in chunks:
+            self.check_chunk(chunk)
+            yield chunk
+
+    def _compute_signals(self, inputs: torch.Tensor, labels: torch.Tensor, *, model=None) -> dict[str, torch.Tensor]:
+        """The engine's signals from `model` (default: the session's); out of memory halves the micro-batch and retries, down to 1."""
         if inputs.is_floating_point() and inputs.dtype != torch.float32:
             inputs = inputs.float()  # the models compute in float32
         while True:
             try:
-                return compute_signals(self.model, inputs, labels, self.signals,
+                return compute_signals(self.model if model is None else model, inputs, labels, self.signals,
                                        device=self.device, micro_batch=self.micro_batch)
             except Exception as exc:
                 if not is_out_of_memory(exc):
@@ -338,7 +365,15 @@ class ScoringSession:
             weights = torch.as_tensor(sel.weights).float().flatten()
             if weights.numel() != idx.numel() or not bool(torch.isfinite(weights).all()):
                 raise PluginError(f"{label} returned {weights.numel()} weights (need {idx.numel()}, all finite)")
-        return Selection(indices=idx, weights=weights, scores=sel.scores)
+        diagnostics = sel.diagnostics
+        if diagnostics is not None:
+            try:
+                diagnostics = json.loads(json.dumps(diagnostics, allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise PluginError(f"{label} returned diagnostics that are not plain JSON ({exc})") from None
+            if not isinstance(diagnostics, dict):
+                raise PluginError(f"{label} returned diagnostics as {type(diagnostics).__name__}; use a dict of name: value")
+        return Selection(indices=idx, weights=weights, scores=sel.scores, diagnostics=diagnostics)
 
     # -- training-side statistics ------------------------------------------------
     def report(self, ids: torch.Tensor, losses: torch.Tensor, true_class_probs: torch.Tensor | None,
@@ -377,3 +412,4 @@ class ScoringSession:
             self.closed = True
             self.selector = None  # type: ignore[assignment]
             self.model = None  # type: ignore[assignment]
+            self.proxy = None

@@ -134,6 +134,8 @@ class Selection:
     indices: torch.Tensor  # int64 [k]
     weights: torch.Tensor | None = None  # float32 [k]
     scores: torch.Tensor | None = None  # float32 [n], whole pool
+    #: Optional figures about this selection for the trainer's metrics (JSON scalars by name).
+    diagnostics: dict[str, Any] | None = None
 
 
 class Selector:
@@ -169,6 +171,16 @@ class Selector:
     #: False: it re-selects every `refresh` epochs (the strategy's `refresh`
     #: option when it has one, else every epoch).
     static: ClassVar[bool] = False
+    #: Parameter-sharing proxy (DynaMS PSP, `dataselect.proxy`): an instance that
+    #: sets a width ratio in (0, 1] gets its signals computed by the model's slim
+    #: sub-network (that fraction of every layer's channels, sharing the weights),
+    #: and the trainer adds `proxy_loss_weight × CE(proxy logits)` to its loss so
+    #: the sub-network is trained jointly. The session reports the proxy's
+    #: agreement with the full model on the first `proxy_agreement_sample` samples
+    #: of each pool (0: not measured). None: no proxy.
+    proxy_width_ratio: float | None = None
+    proxy_loss_weight: float = 1.0
+    proxy_agreement_sample: int = 512
 
     def __init__(self, options: dict[str, Any] | None = None, context: SessionContext | None = None):
         self.opts = self.resolve_options(options or {})

@@ -108,6 +108,8 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             # The instance's signals: options may change what a strategy needs (e.g. a gradient scope).
             signals=sorted(session.signals),
             uses_reports=cls.uses_reports,
+            proxy=None if session.proxy is None else pb.ProxySpec(width_ratio=session.proxy.ratio,
+                                                                  loss_weight=session.proxy.loss_weight),
         )
 
     def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
@@ -226,6 +228,8 @@ class SelectionServicer(pb_grpc.SelectionServicer):
                 response.weights.CopyFrom(codec.encode(result.weights.float()))
             if result.scores is not None:
                 response.scores.CopyFrom(codec.encode(result.scores.float()))
+            if result.diagnostics:
+                response.diagnostics_json = json.dumps(result.diagnostics)
         response.cost.CopyFrom(pb.ServerCost(compute_seconds=result.compute_seconds, codec_seconds=clock.seconds,
                                              queue_seconds=queue_seconds, samples_scored=result.samples_scored))
         return response

@@ -179,6 +179,13 @@ def test_dynams_selects_smallest_margins_and_schedule():
     assert sched.select(p1, 4, "topk").indices.numel() == 4
 
 
-def test_dynams_psp_proxy_is_refused_not_faked():
-    with pytest.raises(InvalidArgument, match="proxy=psp .* not implemented"):
-        make("dynams", proxy="psp")
+def test_dynams_psp_options():
+    sel = make("dynams", proxy="psp", width_ratio=0.25, proxy_weight=2.0)
+    assert (sel.proxy_width_ratio, sel.proxy_loss_weight) == (0.25, 2.0)
+    assert make("dynams").proxy_width_ratio is None
+    with pytest.raises(InvalidArgument, match=r"width_ratio=0.0 must be in \(0, 1\]"):
+        make("dynams", proxy="psp", width_ratio=0)
+    with pytest.raises(InvalidArgument, match="must be <= 1"):
+        make("dynams", proxy="psp", width_ratio=1.5)
+    with pytest.raises(InvalidArgument, match="width_ratio only apply with proxy=psp"):
+        make("dynams", width_ratio=0.5)

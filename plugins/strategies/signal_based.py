@@ -68,9 +68,17 @@ class DynaMSSelector(Selector):
     (Progress.fraction, or epoch/total_epochs), growing from budget/2^exponent
     to budget; the selection is then variable-size (`exact_budget` False).
 
-    `proxy=psp` (the parameter-sharing proxy) is part of the interface but not
-    implemented yet: it is refused with a clear error rather than silently
-    computed with the full model. `proxy=none` scores with the full model.
+    `proxy=none` (default) computes the margins with the full model.
+    `proxy=psp` is the paper's parameter-sharing proxy (`dataselect.proxy`):
+    the margins come from the model's slim sub-network, the first
+    `width_ratio` of every layer's channels (conv FLOPs scale with about
+    width_ratio²), which shares the learner's weights and is trained jointly:
+    the trainer adds `proxy_weight × CE(proxy logits)` to its loss. Only models
+    with such a sub-network (`slim_kwargs`: cnn-small, cnn-deep, mlp) can use
+    it. Each Select reports the proxy's agreement with the full model, the
+    Spearman rank correlation of their margins on the first
+    `agreement_sample` pool samples (which costs a full-model forward of
+    those samples; 0 turns it off).
     """
 
     name = "dynams"
@@ -85,9 +93,15 @@ class DynaMSSelector(Selector):
         "schedule": Option(str, "constant", "selection size over training: constant or power",
                            choices=("constant", "power")),
         "exponent": Option(float, 2.0, "schedule=power: size = budget·((1+t)/2)^exponent", min=0.0),
-        "proxy": Option(str, "none", "none: margins from the full model; psp: the parameter-sharing proxy (not implemented yet: refused)",
-                        choices=("none", "psp")),
+        "proxy": Option(str, "none", "none: margins from the full model; psp: from the parameter-sharing proxy, "
+                        "a slim sub-network trained jointly", choices=("none", "psp")),
+        "width_ratio": Option(float, 0.5, "proxy=psp: fraction of each layer's channels the proxy keeps, in (0, 1]",
+                              min=0.0, max=1.0),
+        "proxy_weight": Option(float, 1.0, "proxy=psp: weight of the proxy's loss term in training", min=0.0),
+        "agreement_sample": Option(int, 512, "proxy=psp: pool samples on which each Select measures the proxy's "
+                                   "rank correlation with the full model (0: off)", min=0),
     }
+    PROXY_OPTIONS = ("width_ratio", "proxy_weight", "agreement_sample")
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
@@ -95,7 +109,15 @@ class DynaMSSelector(Selector):
         self.signals = frozenset({self.signal})
         self.exact_budget = self.opts["schedule"] == "constant"
         if self.opts["proxy"] == "psp":
-            raise InvalidArgument("dynams: proxy=psp (parameter-sharing proxy) is not implemented yet; use proxy=none")
+            if not self.opts["width_ratio"] > 0.0:
+                raise InvalidArgument(f"strategy 'dynams': option width_ratio={self.opts['width_ratio']} must be in (0, 1]")
+            self.proxy_width_ratio = self.opts["width_ratio"]
+            self.proxy_loss_weight = self.opts["proxy_weight"]
+            self.proxy_agreement_sample = self.opts["agreement_sample"]
+        else:
+            stray = sorted(k for k in (options or {}) if k in self.PROXY_OPTIONS)
+            if stray:
+                raise InvalidArgument(f"strategy 'dynams': option(s) {', '.join(stray)} only apply with proxy=psp")
 
     def score(self, pool: Pool) -> torch.Tensor:
         return -pool.signals[self.signal]

@@ -45,7 +45,7 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., options_json: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., num_classes: _Optional[int] = ..., dataset: _Optional[str] = ..., dataset_size: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "strategy", "resolved_options_json", "default_mode", "policy", "device", "signals", "uses_reports")
+    __slots__ = ("session_id", "strategy", "resolved_options_json", "default_mode", "policy", "device", "signals", "uses_reports", "proxy")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class OpenSessionResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     USES_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    PROXY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     strategy: str
     resolved_options_json: str
@@ -62,7 +63,16 @@ class OpenSessionResponse(_message.Message):
     device: str
     signals: _containers.RepeatedScalarFieldContainer[str]
     uses_reports: bool
-    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., resolved_options_json: _Optional[str] = ..., default_mode: _Optional[str] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., signals: _Optional[_Iterable[str]] = ..., uses_reports: _Optional[bool] = ...) -> None: ...
+    proxy: ProxySpec
+    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., resolved_options_json: _Optional[str] = ..., default_mode: _Optional[str] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., signals: _Optional[_Iterable[str]] = ..., uses_reports: _Optional[bool] = ..., proxy: _Optional[_Union[ProxySpec, _Mapping]] = ...) -> None: ...
+
+class ProxySpec(_message.Message):
+    __slots__ = ("width_ratio", "loss_weight")
+    WIDTH_RATIO_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    width_ratio: float
+    loss_weight: float
+    def __init__(self, width_ratio: _Optional[float] = ..., loss_weight: _Optional[float] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("session_id", "version", "total_bytes", "path", "data")
@@ -133,18 +143,20 @@ class ServerCost(_message.Message):
     def __init__(self, compute_seconds: _Optional[float] = ..., codec_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., samples_scored: _Optional[int] = ...) -> None: ...
 
 class SelectResponse(_message.Message):
-    __slots__ = ("selected_ids", "weights", "scores", "checkpoint_version", "cost")
+    __slots__ = ("selected_ids", "weights", "scores", "checkpoint_version", "cost", "diagnostics_json")
     SELECTED_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_JSON_FIELD_NUMBER: _ClassVar[int]
     selected_ids: Tensor
     weights: Tensor
     scores: Tensor
     checkpoint_version: int
     cost: ServerCost
-    def __init__(self, selected_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., cost: _Optional[_Union[ServerCost, _Mapping]] = ...) -> None: ...
+    diagnostics_json: str
+    def __init__(self, selected_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., cost: _Optional[_Union[ServerCost, _Mapping]] = ..., diagnostics_json: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("session_id", "ids", "losses", "true_class_probs", "correct", "progress")
