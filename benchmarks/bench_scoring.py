@@ -23,7 +23,9 @@ from dataselect.scoring import PoolChunk, ScoringSession
 
 CASES = [
     ("random", {}), ("high_loss", {}), ("high_gradient", {"scope": "last_layer"}), ("high_gradient", {"scope": "full"}),
-    ("high_influence", {}), ("dynams", {}), ("dynams", {"kind": "logit"}), ("mrmc", {}),
+    ("high_influence", {}), ("dynams", {}), ("dynams", {"kind": "logit"}),
+    # The parameter-sharing proxy, with its agreement check (a full forward of 512 samples) and without it.
+    ("dynams", {"proxy": "psp"}), ("dynams", {"proxy": "psp", "agreement_sample": 0}), ("mrmc", {}),
     ("importance_sampling", {}), ("selective_backprop", {}), ("infobatch", {}),
 ]
 TARGETS = {"high_loss": 0.85, "dynams": 0.85, "high_gradient scope=last_layer": 0.85,

@@ -246,11 +246,13 @@ class SessionProxy:
         self.model.eval()
         self.version = version
 
-    def calibrating(self, chunks: Iterable[Any]) -> Iterator[Any]:
+    def calibrating(self, chunks: Iterable[Any],
+                    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Any]:
         """Pass the chunks through; before the first leaves, re-estimate batch-norm statistics from the pool's head.
 
         Chunks are held back only until `CALIBRATION_SAMPLES` samples have arrived,
-        so the statistics do not depend on how the pool was split.
+        so the statistics do not depend on how the pool was split. `prepare` turns
+        inputs into what the model sees when scoring (resizing, memory format).
         """
         if not self.needs_calibration or self.calibrated_version == self.version:
             yield from chunks
@@ -267,7 +269,7 @@ class SessionProxy:
             x = torch.cat(head)[:CALIBRATION_SAMPLES].to(self.device)
             if x.is_floating_point() and x.dtype != torch.float32:
                 x = x.float()
-            calibrate_batchnorm(self.model, x)
+            calibrate_batchnorm(self.model, x if prepare is None else prepare(x))
             self.calibrated_version = self.version
         yield from held
         yield from it
