@@ -60,12 +60,31 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
               help="Evaluate on the first N test samples only.")
 @click.option("--output", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Write metrics.jsonl, summary.json and checkpoint.pt here.")
-@click.option("--server", default=None, metavar="HOST:PORT",
-              help="Score through a running dataselect-server instead of in-process.")
+@click.option("--server", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+              help="Score through a running dataselect-server instead of in-process; several comma-separated "
+                   "replicas share each pool (ids hashed to replicas; a replica that goes down hands its share "
+                   "to the others).")
 @click.option("--sync-every", type=click.IntRange(min=1), default=1, metavar="N",
-              help="Push the model to the scorer every N steps.")
+              help="Push the model to the scorer every N steps (online mode); with --overlap the "
+                   "strategy then scores with a model at most N steps stale.")
+@click.option("--overlap/--no-overlap", default=None, show_default="on with --server, off in-process",
+              help="Score the next pool while training on this one (scoring leaves the critical path); "
+                   "checkpoint pushes and reports also run in the background.")
+@click.option("--checkpoint-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              help="With --server: dtype the weights travel in; float16/bfloat16 halve the bytes per push "
+                   "(the server scores with them converted back to float32).")
+@click.option("--checkpoint-delta", is_flag=True,
+              help="With --server: push only the tensors that changed since the previous push.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=1024,
               help="Micro-batch size for in-process scoring and for evaluation.")
+@click.option("--score-input-scale", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0,
+              help="Score on inputs downscaled by this factor (0.5 = half height and width; embedded or remote). "
+                   "Needs a model that takes smaller inputs (cnn-deep, resnet18; not cnn-small).")
+@click.option("--score-precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="In-process scoring: autocast dtype for forward signals; auto = bf16 on CUDA, fp32 on CPU "
+                   "(a server sets its own with dataselect-server --precision).")
+@click.option("--score-compile", is_flag=True,
+              help="In-process scoring: torch.compile the scoring model (slow first call).")
 @click.option("--init-from", type=click.Path(dir_okay=False), default=None, metavar="CKPT",
               help="Start from the weights of a dataselect checkpoint (same --model).")
 @click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
@@ -73,6 +92,12 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
                    "then evaluate and write the summary (stopped_by: budget_seconds).")
 @click.option("--budget-samples", type=click.IntRange(min=1), default=None, metavar="N",
               help="Stop training once N samples have been trained on (stopped_by: budget_samples).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also evaluate every N trained samples (summary.json: eval_points), for time-to-accuracy "
+                   "finer than an epoch.")
+@click.option("--target-accuracy", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, metavar="A",
+              help="Stop once test accuracy reaches A (e.g. 0.99); summary.json gives time_to_target_seconds "
+                   "(wall-clock less data loading and evaluation) and samples_to_target.")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None, metavar="FILE",
               help="File holding the server's bearer token (default: env DATASELECT_TOKEN).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), default=None, metavar="PEM",
@@ -96,7 +121,10 @@ def train_command(**kw) -> None:
     """
     from dataselect.client.train import TrainConfig, format_cost_table, resume, train
 
-    quiet = kw["quiet"]
+    from dataselect.client.distributed import rank
+
+    quiet = kw["quiet"] or rank() != 0  # under torchrun rank 0 speaks for the run
+    kw["as_json"] = kw["as_json"] and rank() == 0
     log = None if quiet else (lambda msg: click.echo(msg, err=True))
     if kw["resume"]:
         summary = resume(kw["resume"], server=kw["server"], log=log)
@@ -112,7 +140,10 @@ def train_command(**kw) -> None:
         init_from=kw["init_from"], progress=not kw["quiet"],
         budget_seconds=kw["budget_seconds"], budget_samples=kw["budget_samples"],
         token_file=kw["token_file"], tls_ca=kw["tls_ca"], on_server_failure=kw["on_server_failure"],
-        retry_seconds=kw["retry_seconds"],
+        retry_seconds=kw["retry_seconds"], overlap=kw["overlap"], checkpoint_dtype=kw["checkpoint_dtype"],
+        checkpoint_delta=kw["checkpoint_delta"], eval_every=kw["eval_every"], target_accuracy=kw["target_accuracy"],
+        score_input_scale=kw["score_input_scale"], score_precision=kw["score_precision"],
+        score_compile=kw["score_compile"],
     )
     _finish(train(config, log=log), quiet, kw["as_json"], format_cost_table)
 

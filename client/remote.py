@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from dataselect import codec
-from dataselect.checkpoint import from_bytes, make_checkpoint, to_bytes, validate
+from dataselect.checkpoint import CHECKPOINT_DTYPES, FORMAT, to_bytes
 from dataselect.client.scorer import EmbeddedScorer, ScoreReply, ScorerCounters, SessionInfo, SessionSpec
-from dataselect.errors import DataselectError, InvalidArgument, NotFound
+from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, NotFound
 from dataselect.plugins.base import Progress
 from dataselect.server.status import error_for
 from dataselect.v1 import selection_pb2 as pb
@@ -93,13 +93,19 @@ class RemoteScorer:
         max_message_bytes: must not exceed the server's `--max-message-mb`; pools
             larger than half of it are sent with SelectStream in pieces.
         chunk_bytes: size of the checkpoint upload chunks.
+        checkpoint_dtype: "float32" (exact), "float16" or "bfloat16": floating weights travel in
+            this dtype (half the bytes); the server scores with them converted back to float32.
+        checkpoint_delta: push only the tensors that changed since the previous push (frozen
+            layers and unchanged buffers stay on the server); a server without the base
+            version is sent a full checkpoint.
     """
 
     def __init__(self, address: str, spec: SessionSpec, *, timeout: float = 120.0, connect_timeout: float = 10.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = CHECKPOINT_CHUNK_BYTES,
                  token: str | None = None, token_file: str | Path | None = None, tls_ca: str | Path | None = None,
                  retry_seconds: float = 60.0, on_server_failure: str = "retry",
-                 fallback_device: str | torch.device = "cpu"):
+                 fallback_device: str | torch.device = "cpu", checkpoint_dtype: str = "float32",
+                 checkpoint_delta: bool = False):
         if on_server_failure not in ON_SERVER_FAILURE:
             raise InvalidArgument(f"on_server_failure must be one of {', '.join(ON_SERVER_FAILURE)}, got {on_server_failure!r}")
         self.address = address
@@ -115,7 +121,13 @@ class RemoteScorer:
         self.counters = ScorerCounters()
         self._closed = False
         self._fallback: EmbeddedScorer | None = None
-        self._last_checkpoint: tuple[bytes, int] | None = None  # (bytes, version) of the latest push
+        if checkpoint_dtype not in CHECKPOINT_DTYPES:
+            raise InvalidArgument(f"checkpoint_dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, got {checkpoint_dtype!r}")
+        self.checkpoint_dtype = checkpoint_dtype
+        self.checkpoint_delta = bool(checkpoint_delta)
+        # The weights as the server last received them (CPU, wire dtype) and their version:
+        # the base of the next delta, and what a reconnect or a fallback reloads.
+        self._shadow: tuple[dict[str, torch.Tensor], int] | None = None
         if token is None and token_file is not None:
             token = read_token_file(token_file)
         if token is None:
@@ -160,7 +172,7 @@ class RemoteScorer:
             strategy=spec.strategy, options_json=json.dumps(spec.options or {}),
             model=pb.ModelSpec(name=spec.model_name, kwargs_json=json.dumps(spec.model_kwargs)),
             seed=spec.seed, num_classes=spec.num_classes, dataset=spec.dataset,
-            dataset_size=spec.dataset_size, policy=spec.policy,
+            dataset_size=spec.dataset_size, policy=spec.policy, input_scale=spec.input_scale,
         ))
         return SessionInfo(
             session_id=resp.session_id, strategy=resp.strategy,
@@ -177,17 +189,54 @@ class RemoteScorer:
 
     # -- the Scorer interface -----------------------------------------------------------
     def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:
+        self.push_state(model.state_dict(), version, step)
+
+    def push_state(self, state: dict[str, torch.Tensor], version: int, step: int) -> None:
+        """Upload the weights, as `checkpoint_dtype` and (with `checkpoint_delta`) only the tensors
+        that changed since the last push; a server that lost the base version gets a full one."""
+        wire = self._wire_state(state)
         if self._fallback is not None:
-            self._fallback.push_checkpoint(model, version, step)
+            self._fallback.push_state(wire, version, step)
+            self._shadow = (wire, int(version))
             self.counters.checkpoint_pushes += 1
             return
-        data = to_bytes(make_checkpoint(self.spec.model_name, self.spec.model_kwargs, model, version=version, step=step))
-        self._last_checkpoint = (data, int(version))
-        if self._resilient(lambda: self._upload(data, version), uploads_checkpoint=True) is _FELL_BACK:
-            self.counters.checkpoint_pushes += 1
-            return
-        self.counters.checkpoint_bytes += len(data)
+        delta_of = None
+        sent = wire
+        if self.checkpoint_delta and self._shadow is not None:
+            base, base_version = self._shadow
+            sent = {k: v for k, v in wire.items() if k not in base or not torch.equal(base[k], v)}
+            delta_of = base_version
+        self._shadow = (wire, int(version))
+        data = self._checkpoint_bytes(sent, version, step, delta_of)
+        try:
+            result = self._resilient(lambda: self._upload(data, version), uploads_checkpoint=True)
+        except FailedPrecondition:
+            if delta_of is None:
+                raise
+            # The server does not hold the delta's base (e.g. a replica that restarted): send everything.
+            data = self._checkpoint_bytes(wire, version, step, None)
+            result = self._resilient(lambda: self._upload(data, version), uploads_checkpoint=True)
         self.counters.checkpoint_pushes += 1
+        if result is not _FELL_BACK:
+            self.counters.checkpoint_bytes += len(data)
+
+    def _wire_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CPU copies of the tensors as they travel: floating tensors in `checkpoint_dtype`."""
+        dtype = CHECKPOINT_DTYPES[self.checkpoint_dtype]
+        out = {}
+        for k, v in state.items():
+            t = v.detach()
+            t = t.to("cpu", dtype) if t.is_floating_point() and t.dtype != dtype else t.to("cpu", copy=True)
+            out[k] = t
+        return out
+
+    def _checkpoint_bytes(self, state: dict[str, torch.Tensor], version: int, step: int,
+                          delta_of: int | None) -> bytes:
+        ckpt = {"format": FORMAT, "model": self.spec.model_name, "kwargs": dict(self.spec.model_kwargs),
+                "state_dict": state, "version": int(version), "step": int(step)}
+        if delta_of is not None:
+            ckpt["delta_of"] = int(delta_of)
+        return to_bytes(ckpt)
 
     def _upload(self, data: bytes, version: int) -> None:
         def chunks() -> Iterator[pb.CheckpointChunk]:
@@ -309,8 +358,10 @@ class RemoteScorer:
         except grpc.FutureTimeoutError:
             raise _Unreachable(self._unreachable()) from None
         self.info = self._open()
-        if self._last_checkpoint is not None and not skip_checkpoint:
-            self._upload(*self._last_checkpoint)
+        if self._shadow is not None and not skip_checkpoint:
+            # A new session holds no weights: always a full checkpoint, never a delta.
+            state, version = self._shadow
+            self._upload(self._checkpoint_bytes(state, version, 0, None), version)
         self.counters.reconnects += 1
         log.warning("reconnected to dataselect-server at %s with a new session (strategy state restarts)",
                     self.address)
@@ -319,10 +370,9 @@ class RemoteScorer:
         log.warning("dataselect-server at %s cannot be reached (%s); scoring in-process for the rest of the run",
                     self.address, reason)
         self._fallback = EmbeddedScorer(self.spec, device=self.fallback_device)
-        if self._last_checkpoint is not None:
-            data, version = self._last_checkpoint
-            ckpt = validate(from_bytes(data))
-            self._fallback.session.load_state_dict(ckpt["state_dict"], version)
+        if self._shadow is not None:
+            state, version = self._shadow
+            self._fallback.session.load_state_dict(state, version)
         self.info = self._fallback.info
         self.counters.extra["fallback"] = 1
 

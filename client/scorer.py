@@ -32,6 +32,8 @@ class SessionSpec:
     dataset: str = ""
     dataset_size: int = 0
     policy: str = ""
+    #: Score on inputs downscaled by this factor in (0, 1] (1.0 = full size).
+    input_scale: float = 1.0
 
 
 @dataclass
@@ -81,6 +83,9 @@ class Scorer(Protocol):
     def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:
         """Make the scorer's model copy equal to `model` (tagged with `version`)."""
 
+    def push_state(self, state: dict[str, torch.Tensor], version: int, step: int) -> None:
+        """The same from a state dict (a snapshot taken on the trainer's thread when pushes are overlapped)."""
+
     def select(self, ids: torch.Tensor, inputs: torch.Tensor | None, labels: torch.Tensor, budget: int,
                progress: Progress, *, return_scores: bool = False) -> ScoreReply:
         """Score a pool and return the selection (`inputs` may be None when no signals are needed)."""
@@ -96,11 +101,13 @@ class Scorer(Protocol):
 class EmbeddedScorer:
     """Scoring in the trainer's own process, on its own model copy."""
 
-    def __init__(self, spec: SessionSpec, *, device: torch.device | str = "cpu", micro_batch: int = 1024):
+    def __init__(self, spec: SessionSpec, *, device: torch.device | str = "cpu", micro_batch: int | str = 1024,
+                 precision: str = "auto", channels_last: bool | str | None = "auto", compile: bool = False):
         self.session = ScoringSession(
             spec.strategy, spec.options, spec.model_name, spec.model_kwargs,
             num_classes=spec.num_classes, seed=spec.seed, dataset=spec.dataset,
             dataset_size=spec.dataset_size, policy=spec.policy, device=device, micro_batch=micro_batch,
+            precision=precision, channels_last=channels_last, compile=compile, input_scale=spec.input_scale,
         )
         cls = type(self.session.selector)
         self.info = SessionInfo(
@@ -114,8 +121,11 @@ class EmbeddedScorer:
         self.counters = ScorerCounters()
 
     def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:
+        self.push_state(model.state_dict(), version, step)
+
+    def push_state(self, state: dict[str, torch.Tensor], version: int, step: int) -> None:
         # In-process there is nothing to serialise: copy the weights into the scoring copy.
-        self.session.load_state_dict(model.state_dict(), version)
+        self.session.load_state_dict(state, version)
         self.counters.checkpoint_pushes += 1
 
     def select(self, ids, inputs, labels, budget, progress, *, return_scores=False) -> ScoreReply:

@@ -53,8 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataselect.checkpoint import load_checkpoint, load_state, make_checkpoint, save_checkpoint
+from dataselect.checkpoint import CHECKPOINT_DTYPES, load_checkpoint, load_state, make_checkpoint, save_checkpoint
 from dataselect.client.data import Dataset, Split, load_dataset
+from dataselect.client.pipeline import ScorerPipeline
+from dataselect.client import distributed as _distributed
 from dataselect.client.scorer import EmbeddedScorer, Scorer, SessionSpec
 from dataselect.engine import resolve_device, synchronize
 from dataselect.errors import InvalidArgument, PluginError
@@ -114,6 +116,22 @@ class TrainConfig:
     #: or "fallback" (then score in-process for the rest of the run).
     on_server_failure: str = "retry"
     retry_seconds: float = 60.0
+    #: Overlapped scoring: request pool t+1's selection before training step t, and push
+    #: checkpoints in the background. None = on with a remote server, off embedded.
+    overlap: bool | None = None
+    #: Remote scoring: dtype floating weights travel in (float32, float16, bfloat16).
+    checkpoint_dtype: str = "float32"
+    #: Remote scoring: push only the tensors that changed since the previous push.
+    checkpoint_delta: bool = False
+    #: Also evaluate every this many trained samples (time-to-accuracy at a finer grain than epochs).
+    eval_every: int | None = None
+    #: Stop once test accuracy reaches this (at an epoch's end or an --eval-every point).
+    target_accuracy: float | None = None
+    #: Score on inputs downscaled by this factor in (0, 1] (embedded and remote).
+    score_input_scale: float = 1.0
+    #: Embedded scoring: autocast for forward signals (auto|fp32|bf16|fp16) and torch.compile.
+    score_precision: str = "auto"
+    score_compile: bool = False
 
 
 @dataclass
@@ -152,6 +170,10 @@ class _Run:
     shuffle: torch.Generator
     #: Digest of every selected id in order: equal digests = identical selections.
     selection_digest: Any = field(default_factory=hashlib.sha256)
+    #: torchrun: this rank's DistContext, and the DistributedDataParallel model that training
+    #: steps run (evaluation, pushes and resume points use the unwrapped `model`). None: one process.
+    dist: Any = None
+    ddp: Any = None
     checkpoint_version: int = 0
     #: Optimiser step at the last checkpoint push (None: never pushed).
     pushed_at_step: int | None = None
@@ -168,6 +190,20 @@ class _Run:
     load_seconds: float = 0.0
     #: Scorer counters from before a resume (checkpoint_bytes, pushes, reconnects).
     counter_offset: dict[str, int] = field(default_factory=dict)
+    #: Overlapped scoring: the worker that runs every scorer call (None: calls are made inline).
+    pipeline: ScorerPipeline | None = None
+    #: Optimiser step of each pushed checkpoint version (staleness of the model a selection used).
+    version_steps: dict[int, int] = field(default_factory=dict)
+    #: Staleness in optimiser steps of the scoring model, over the selections trained on.
+    staleness_max: int = 0
+    staleness_sum: int = 0
+    staleness_count: int = 0
+    #: --eval-every: samples_trained at which the next evaluation is due, and the points so far.
+    next_eval: int = 0
+    eval_points: list[dict[str, Any]] = field(default_factory=list)
+    #: --target-accuracy: training seconds (budget clock) and samples when it was first reached.
+    target_seconds: float | None = None
+    target_samples: int | None = None
     #: DynaMS PSP: the model's slim sub-network, trained jointly with loss weight `proxy_weight`
     #: (its parameters are views of the model's; None: no proxy).
     proxy: nn.Module | None = None
@@ -198,6 +234,10 @@ def validate_config(config: TrainConfig) -> str:
     """
     cls = get_selector(config.strategy)
     cls.resolve_options(config.options)
+    if config.server and "," in config.server:
+        from dataselect.client.replicas import parse_servers
+
+        parse_servers(config.server)  # a bad entry fails before any data is loaded
     get_model_builder(config.model)
     if config.policy and config.policy not in POLICIES:
         raise InvalidArgument(f"unknown policy {config.policy!r}; use one of: {', '.join(POLICIES)}")
@@ -211,12 +251,26 @@ def validate_config(config: TrainConfig) -> str:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.lr <= 0:
         raise InvalidArgument(f"--lr must be > 0, got {config.lr}")
+    if not 0.0 < config.score_input_scale <= 1.0:
+        raise InvalidArgument(f"--score-input-scale must be in (0, 1] (0.5 = half height and width), "
+                              f"got {config.score_input_scale}")
+    from dataselect.engine import PRECISIONS
+
+    if config.score_precision not in PRECISIONS:
+        raise InvalidArgument(f"--score-precision must be one of {', '.join(PRECISIONS)}, got {config.score_precision!r}")
     if config.threads is not None and config.threads < 1:
         raise InvalidArgument(f"--threads must be >= 1, got {config.threads}")
     if config.budget_seconds is not None and not config.budget_seconds > 0:
         raise InvalidArgument(f"--budget-seconds must be > 0, got {config.budget_seconds}")
     if config.budget_samples is not None and config.budget_samples < 1:
         raise InvalidArgument(f"--budget-samples must be >= 1, got {config.budget_samples}")
+    if config.eval_every is not None and config.eval_every < 1:
+        raise InvalidArgument(f"--eval-every must be >= 1 samples, got {config.eval_every}")
+    if config.target_accuracy is not None and not 0.0 < config.target_accuracy <= 1.0:
+        raise InvalidArgument(f"--target-accuracy is a fraction in (0, 1], got {config.target_accuracy}; e.g. 0.99")
+    if config.checkpoint_dtype not in CHECKPOINT_DTYPES:
+        raise InvalidArgument(f"--checkpoint-dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, "
+                              f"got {config.checkpoint_dtype!r}")
     return mode
 
 
@@ -254,15 +308,19 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
     """Train, evaluate each epoch, and return the summary (also written under `config.output`)."""
     t_start = time.perf_counter()
     mode = validate_config(config)
+    dist_ctx = _distributed.setup(config, resuming=_resume is not None)  # torchrun: join the process group
+    if dist_ctx is not None and not dist_ctx.is_main:
+        log = None  # rank 0 speaks for the run
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device = dist_ctx.device if dist_ctx is not None else resolve_device(config.device)
     torch.manual_seed(config.seed)
     costs = Costs()
 
     t0 = time.perf_counter()
-    data = load_dataset(config.dataset, config.data_dir, download=config.download,
-                        train_subset=config.train_subset, test_subset=config.test_subset)
+    with _distributed.rank_zero_first(dist_ctx):  # one download, not one per rank
+        data = load_dataset(config.dataset, config.data_dir, download=config.download,
+                            train_subset=config.train_subset, test_subset=config.test_subset)
     load_seconds = time.perf_counter() - t0
     costs.data_seconds += load_seconds
 
@@ -274,7 +332,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
 
-    out_dir = Path(config.output) if config.output else None
+    # Under torchrun only rank 0 writes metrics, resume points and the summary.
+    out_dir = Path(config.output) if config.output and (dist_ctx is None or dist_ctx.is_main) else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         previous = _resume["resume"]["epochs"] if _resume is not None else []
@@ -293,9 +352,16 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
         first_epoch = int(state["epoch"]) + 1
         counter_offset = dict(state["counters"])
         t_start -= float(state["wall_seconds"])  # wall-clock covers the whole run
-    scorer, remote = _open_scorer(config, data, model_kwargs, device)
-    run = _Run(config, data, model, optimizer, device, scorer, remote, costs,
+    if dist_ctx is None:
+        scorer, remote = _open_scorer(config, data, model_kwargs, device)
+    else:  # rank 0 holds the one scoring session; every rank reaches it through DistributedScorer
+        scorer, remote = _open_scorer_distributed(dist_ctx, config, data, model_kwargs, device)
+    run = _Run(_distributed.per_rank_config(config, dist_ctx), data, model, optimizer, device, scorer, remote, costs,
                shuffle=shuffle, t_start=t_start, load_seconds=load_seconds, counter_offset=counter_offset)
+    if dist_ctx is not None:
+        run.dist, run.ddp = dist_ctx, dist_ctx.wrap(model)
+    if scorer is not None and (remote if config.overlap is None else config.overlap):
+        run.pipeline = ScorerPipeline()
     if _resume is not None:
         run.checkpoint_version = int(_resume.get("version", 0))
         run.selection_digest.update(str(_resume["resume"]["selection_sha256"]).encode())
@@ -310,7 +376,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
                 kind = _run_epoch(run, mode, epoch)
             except _BudgetReached as stop:
                 stopped_by, partial, kind = stop.reason, True, _epoch_kind(run, mode, epoch)
-            acc, loss = _evaluate(run)
+            acc, loss = _evaluate_point(run)
             line = {"epoch": epoch, "test_accuracy": acc, "test_loss": loss,
                     "wall_seconds": time.perf_counter() - t_start, "epoch_kind": kind, "partial": partial,
                     **_cost_fields(run), **_epoch_diagnostics(run)}
@@ -330,10 +396,17 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
                 if log is not None:
                     log(f"stopped by {stopped_by.replace('_', '-')} after {costs.samples_trained} samples")
                 break
+        if run.pipeline is not None:
+            run.pipeline.drain()  # background pushes and reports finish inside the run's wall-clock
         summary = _summary(run, mode, epochs, time.perf_counter() - t_start, stopped_by)
     finally:
+        if run.pipeline is not None:
+            run.pipeline.close(wait=True)
         if scorer is not None:
             scorer.close()
+    if dist_ctx is not None:  # every rank's costs, totalled in rank 0's summary
+        summary = dist_ctx.gather_summary(summary, run.costs, config.output, config.batch_size,
+                                          run.selection_digest.hexdigest())
     if out_dir is not None:
         if epochs and epochs[-1].get("partial"):
             # A finished epoch was saved in the loop; a budget-stopped one still needs its final weights on disk.
@@ -422,14 +495,21 @@ def _open_scorer(config: TrainConfig, data: Dataset, model_kwargs: dict, device:
         strategy=config.strategy, options=dict(config.options), model_name=config.model,
         model_kwargs=model_kwargs, num_classes=data.info.num_classes, seed=config.seed,
         dataset=data.info.name, dataset_size=len(data.train), policy=config.policy,
+        input_scale=config.score_input_scale,
     )
+    if config.server and "," in config.server:  # several replicas: each pool is sharded over them
+        from dataselect.client.replicas import open_replicated
+
+        return open_replicated(config, spec, device), True
     if config.server:
         from dataselect.client.remote import RemoteScorer  # grpc only loads when a server is used
 
         return RemoteScorer(config.server, spec, token_file=config.token_file, tls_ca=config.tls_ca,
                             retry_seconds=config.retry_seconds, on_server_failure=config.on_server_failure,
-                            fallback_device=device), True
-    return EmbeddedScorer(spec, device=device, micro_batch=config.micro_batch), False
+                            fallback_device=device, checkpoint_dtype=config.checkpoint_dtype,
+                            checkpoint_delta=config.checkpoint_delta), True
+    return EmbeddedScorer(spec, device=device, micro_batch=config.micro_batch, precision=config.score_precision,
+                          compile=config.score_compile), False
 
 
 # -- training modes -----------------------------------------------------------------------
@@ -452,6 +532,11 @@ def _budget_reason(run: _Run) -> str | None:
     """Which budget is spent, if any. The clock excludes dataset loading and evaluation, so
     strategies are compared on what they spend training and selecting."""
     cfg = run.config
+    if run.target_seconds is not None:
+        return "target_accuracy"
+    if run.dist is not None:  # all ranks agree: samples over every rank, the slowest rank's clock
+        return run.dist.budget_reason(cfg.budget_samples, cfg.budget_seconds, run.costs.samples_trained,
+                                      lambda: _budget_clock(run))
     if cfg.budget_samples is not None and run.costs.samples_trained >= cfg.budget_samples:
         return "budget_samples"
     if cfg.budget_seconds is not None and _budget_clock(run) >= cfg.budget_seconds:
@@ -474,15 +559,27 @@ def _needs_inputs(run: _Run) -> bool:
     return run.scorer is not None and bool(run.scorer.info.signals)
 
 
-def _select(run: _Run, positions: torch.Tensor, budget: int, progress: Progress, *,
-            fresh_model: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One Select over the training samples at `positions`; returns (positions to train on, weights).
+@dataclass
+class _PendingSelect:
+    """A Select that was asked for; `_finish_select` waits for it and accounts its cost."""
+
+    positions: torch.Tensor
+    #: The reply when the call ran inline, else the pipeline's future.
+    reply: Any = None
+    future: Any = None
+    seconds: float = 0.0
+
+
+def _request_select(run: _Run, positions: torch.Tensor, budget: int, progress: Progress, *,
+                    fresh_model: bool) -> _PendingSelect:
+    """Ask for one Select over the training samples at `positions`.
 
     `fresh_model`: push the current weights first unless the scorer already has them
     (whole-set selections score with the model as it is now; online pushes every
-    `sync_every` steps instead and only needs a first push here).
+    `sync_every` steps instead and only needs a first push here). With a pipeline
+    the call is queued behind any push and this returns at once.
     """
-    cfg, split, costs, scorer = run.config, run.data.train, run.costs, run.scorer
+    split, costs, scorer = run.data.train, run.costs, run.scorer
     needs_inputs = _needs_inputs(run)
     if needs_inputs and (run.pushed_at_step is None or (fresh_model and run.pushed_at_step != costs.steps)):
         _push(run)
@@ -491,18 +588,38 @@ def _select(run: _Run, positions: torch.Tensor, budget: int, progress: Progress,
     labels = split.labels[positions]
     inputs = split.inputs[positions] if needs_inputs else None
     costs.data_seconds += time.perf_counter() - t0
+    if run.pipeline is not None:
+        return _PendingSelect(positions, future=run.pipeline.submit("select", scorer.select, ids, inputs, labels,
+                                                                   budget, progress))
     t0 = time.perf_counter()
     reply = scorer.select(ids, inputs, labels, budget, progress)
-    costs.score_seconds += time.perf_counter() - t0
+    return _PendingSelect(positions, reply=reply, seconds=time.perf_counter() - t0)
+
+
+def _finish_select(run: _Run, pending: _PendingSelect) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Wait for a requested Select; returns (positions to train on, weights)."""
+    cfg, split, costs = run.config, run.data.train, run.costs
+    reply, waited = pending.reply, pending.seconds
+    if pending.future is not None:
+        t0 = time.perf_counter()
+        reply = run.pipeline.wait("select", pending.future).value
+        waited = time.perf_counter() - t0
+    costs.score_seconds += waited  # the trainer's wait: all of it inline, the unhidden part overlapped
     costs.server_compute_seconds += reply.server_compute_seconds
     costs.transfer_seconds += reply.transfer_seconds
     costs.samples_scored += int(reply.samples_scored)
     if reply.diagnostics:
         run.diagnostics.append(reply.diagnostics)
         run.last_diagnostics = reply.diagnostics
+    if reply.checkpoint_version in run.version_steps:
+        # The selection trains at the next step; the model that chose it is this many steps older.
+        stale = costs.steps - run.version_steps[reply.checkpoint_version]
+        run.staleness_max = max(run.staleness_max, stale)
+        run.staleness_sum += stale
+        run.staleness_count += 1
     chosen = _positions_of(split, reply.selected_ids)
     if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
-        raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(positions)}")
+        raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(pending.positions)}")
     weights = reply.weights
     if weights is not None and weights.numel() != chosen.numel():
         raise PluginError(f"strategy {cfg.strategy!r} returned {weights.numel()} weights for "
@@ -510,19 +627,35 @@ def _select(run: _Run, positions: torch.Tensor, budget: int, progress: Progress,
     return chosen, weights
 
 
+def _select(run: _Run, positions: torch.Tensor, budget: int, progress: Progress, *,
+            fresh_model: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One Select, waited for: (positions to train on, weights). See `_request_select`."""
+    return _finish_select(run, _request_select(run, positions, budget, progress, fresh_model=fresh_model))
+
+
 def _train_on(run: _Run, positions: torch.Tensor, weights: torch.Tensor | None, progress: Progress):
     """One optimiser step on `positions` (repeats train once per occurrence), with its report."""
     reason = _budget_reason(run)
     if reason is not None:
         raise _BudgetReached(reason)
+    if run.dist is not None:  # torchrun: this rank trains on its disjoint share of the global batch
+        mine = run.dist.share(positions, weights, lambda p: run.data.train.ids[p], progress)
+        if mine is None:  # fewer samples than ranks: no rank steps
+            return torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+        positions, weights = mine
     stats = _train_step(run, positions, weights)
     ids = run.data.train.ids[positions]
     run.selection_digest.update(ids.numpy().tobytes())
+    if run.config.eval_every is not None and run.costs.samples_trained >= run.next_eval:
+        _evaluate_point(run)
     scorer = run.scorer
     if scorer is not None and scorer.info.uses_reports:
         # The training forward pass's own losses: strategies that learn from them cost no extra pass.
         t0 = time.perf_counter()
-        scorer.report(ids, *stats, progress)
+        if run.pipeline is not None:
+            run.pipeline.submit("report", scorer.report, ids, *stats, progress)
+        else:
+            scorer.report(ids, *stats, progress)
         run.costs.report_seconds += time.perf_counter() - t0
     return stats
 
@@ -596,15 +729,30 @@ def _online_epoch(run: _Run, epoch: int) -> None:
             _push(run)
         bar(stats)
 
-    with _bar(run, epoch, n_pools) as bar:
-        for i in range(n_pools):
-            positions = order[i * pool_size:(i + 1) * pool_size]
-            budget = max(1, round(len(positions) * cfg.select_fraction))
-            buffer.add(*_select(run, positions, budget, _progress(run, epoch, i / n_pools), fresh_model=False))
-            while buffer.size >= cfg.batch_size:
-                step(cfg.batch_size, (i + 1) / n_pools)
-        if buffer.size:
-            step(buffer.size, 1.0)
+    def request(i: int) -> _PendingSelect:
+        positions = order[i * pool_size:(i + 1) * pool_size]
+        budget = max(1, round(len(positions) * cfg.select_fraction))
+        return _request_select(run, positions, budget, _progress(run, epoch, i / n_pools), fresh_model=False)
+
+    # Overlapped: pool i+1 is asked for before pool i's samples are trained on, so the
+    # scorer works while the trainer trains (the selection is at most --sync-every steps stale).
+    overlap = run.pipeline is not None
+    pending = request(0) if n_pools else None
+    try:
+        with _bar(run, epoch, n_pools) as bar:
+            for i in range(n_pools):
+                ahead = request(i + 1) if overlap and i + 1 < n_pools else None
+                buffer.add(*_finish_select(run, pending))
+                pending = ahead
+                while buffer.size >= cfg.batch_size:
+                    step(cfg.batch_size, (i + 1) / n_pools)
+                if not overlap and i + 1 < n_pools:
+                    pending = request(i + 1)
+            if buffer.size:
+                step(buffer.size, 1.0)
+    finally:
+        if pending is not None and pending.future is not None:
+            pending.future.cancel()  # a budget stop: the selection asked for ahead is not needed
 
 
 def _whole_set_budget(run: _Run) -> int:
@@ -697,7 +845,7 @@ def _train_step(run: _Run, positions: torch.Tensor, weights: torch.Tensor | None
     costs.data_seconds += time.perf_counter() - t0
     synchronize(device)
     t0 = time.perf_counter()
-    logits = run.model(x)
+    logits = run.model(x) if run.ddp is None else run.ddp(x)
     per_sample = F.cross_entropy(logits.float(), y, reduction="none")
     loss = weighted_loss(per_sample, weights)
     if run.proxy is not None:
@@ -720,9 +868,17 @@ def _train_step(run: _Run, positions: torch.Tensor, weights: torch.Tensor | None
 
 
 def _push(run: _Run) -> None:
+    """Send the current weights to the scorer: inline, or (overlapped) as a snapshot queued on the
+    pipeline, so that the trainer pays only for the copy and Selects queued after it see it."""
     run.checkpoint_version += 1
     run.pushed_at_step = run.costs.steps
+    run.version_steps[run.checkpoint_version] = run.costs.steps
     t0 = time.perf_counter()
+    if run.pipeline is not None:
+        snapshot = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        run.pipeline.submit("push", run.scorer.push_state, snapshot, run.checkpoint_version, run.costs.steps)
+        run.costs.checkpoint_seconds += time.perf_counter() - t0
+        return
     run.scorer.push_checkpoint(run.model, run.checkpoint_version, run.costs.steps)
     elapsed = time.perf_counter() - t0
     run.costs.checkpoint_seconds += elapsed
@@ -731,9 +887,34 @@ def _push(run: _Run) -> None:
 
 
 # -- evaluation and reporting -----------------------------------------------------------
-@torch.no_grad()
+def _evaluate_point(run: _Run) -> tuple[float, float]:
+    """Evaluate now (an --eval-every point, or an epoch's end); records the time to --target-accuracy.
+
+    Times are on the budget clock: wall-clock less dataset loading and evaluation, so
+    the evaluations a run makes do not count against it.
+    """
+    acc, loss = _evaluate(run)
+    cfg, costs = run.config, run.costs
+    seconds = _budget_clock(run)
+    run.eval_points.append({"samples_trained": costs.samples_trained, "steps": costs.steps,
+                            "seconds": seconds, "test_accuracy": acc, "test_loss": loss})
+    if cfg.eval_every is not None:
+        while run.next_eval <= costs.samples_trained:
+            run.next_eval += cfg.eval_every
+    if cfg.target_accuracy is not None and run.target_seconds is None and acc >= cfg.target_accuracy:
+        run.target_seconds, run.target_samples = seconds, costs.samples_trained
+    return acc, loss
+
+
 def _evaluate(run: _Run) -> tuple[float, float]:
-    """Test accuracy (0..1) and mean cross-entropy, in eval mode."""
+    """Test accuracy (0..1) and mean cross-entropy, in eval mode; under torchrun rank 0's, shared with all."""
+    if run.dist is not None:
+        return run.dist.evaluate(lambda: _evaluate_here(run), run.costs)
+    return _evaluate_here(run)
+
+
+@torch.no_grad()
+def _evaluate_here(run: _Run) -> tuple[float, float]:
     t0 = time.perf_counter()
     model, split, device = run.model, run.data.test, run.device
     model.eval()
@@ -762,6 +943,8 @@ def _cost_fields(run: _Run) -> dict[str, Any]:
     out["reconnects"] = (counters.reconnects if counters else 0) + offset.get("reconnects", 0)
     out["resumes"] = offset.get("resumes", 0)
     out["fallback"] = bool(counters.extra.get("fallback")) if counters else False
+    if counters and "replicas" in counters.extra:  # --server a,b: replicas configured, live, down, revived
+        out["replicas"] = {k: v for k, v in counters.extra.items() if k.startswith("replica")}
     return out
 
 
@@ -784,6 +967,8 @@ def _summary(run: _Run, mode: str, epochs: list[dict[str, Any]], wall: float,
         "test_accuracy": last["test_accuracy"],
         "test_loss": last["test_loss"],
         "wall_seconds": wall,
+        # Wall-clock less dataset loading and evaluation: what training and selecting took.
+        "training_wall_seconds": _budget_clock(run),
         **_cost_fields(run),
         # Per-mode fields: warm-up, subset refresh schedule, size of the last whole-set selection.
         "warmup_epochs": min(run.warmup_epochs, cfg.epochs) if run.scorer is not None else 0,
@@ -801,11 +986,41 @@ def _summary(run: _Run, mode: str, epochs: list[dict[str, Any]], wall: float,
         "train_samples": len(run.data.train),
         "test_samples": len(run.data.test),
         "selection_sha256": run.selection_digest.hexdigest(),
+        **_overlap_fields(run),
+        "target_accuracy": cfg.target_accuracy,
+        # Training seconds (wall-clock less data loading and evaluation) and samples to reach it.
+        "time_to_target_seconds": run.target_seconds,
+        "samples_to_target": run.target_samples,
+        "eval_points": run.eval_points,
         "device": str(run.device),
         "scorer_device": info.device if info else None,
         "torch_version": torch.__version__,
         "config": asdict(cfg),
         "per_epoch": epochs,
+    }
+
+
+def _overlap_fields(run: _Run) -> dict[str, Any]:
+    """How stale the scoring model was and how much scoring the overlap hid.
+
+    `staleness_*_steps`: optimiser steps between the checkpoint a selection was scored
+    with and the step that trains on it (0 without overlap at --sync-every 1; at most
+    --sync-every with overlap). `hidden_score_fraction`: share of the time the scorer
+    spent on Selects that the trainer did not wait for (0 without overlap).
+    `background_*_seconds`: worker time of overlapped calls, off the critical path.
+    """
+    pipe = run.pipeline
+    return {
+        "overlap": pipe is not None,
+        "sync_every": run.config.sync_every,
+        "staleness_max_steps": run.staleness_max,
+        "staleness_mean_steps": run.staleness_sum / run.staleness_count if run.staleness_count else 0.0,
+        "hidden_score_fraction": pipe.hidden_fraction("select") if pipe is not None else 0.0,
+        "background_score_seconds": pipe.busy_seconds.get("select", 0.0) if pipe is not None else 0.0,
+        "background_checkpoint_seconds": pipe.busy_seconds.get("push", 0.0) if pipe is not None else 0.0,
+        "background_report_seconds": pipe.busy_seconds.get("report", 0.0) if pipe is not None else 0.0,
+        "checkpoint_dtype": run.config.checkpoint_dtype if run.remote else "float32",
+        "checkpoint_delta": bool(run.config.checkpoint_delta and run.remote),
     }
 
 
@@ -851,7 +1066,8 @@ COST_ROWS = (
 
 def format_cost_table(summary: dict[str, Any]) -> str:
     """A short human table of where the wall time went."""
-    wall = summary["wall_seconds"] or 1e-9
+    # Under torchrun the seconds are summed over ranks: compare them with wall x ranks.
+    wall = (summary["wall_seconds"] or 1e-9) * summary.get("world_size", 1)
     lines = [
         f"{summary['strategy']} on {summary['dataset']} ({summary['model']}, {summary['epochs']} epoch(s), "
         f"{summary['scorer']} scorer): test accuracy {summary['test_accuracy']:.4f}",
@@ -869,3 +1085,9 @@ def format_cost_table(summary: dict[str, Any]) -> str:
         f"checkpoint pushes {summary['checkpoint_pushes']} ({summary['checkpoint_bytes']} bytes)"
     )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m dataselect.client.train / torchrun -m dataselect.client.train
+    from dataselect.client.cli import main
+
+    main()

@@ -20,6 +20,8 @@ from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
 
 FORMAT = "dataselect.checkpoint/1"
+#: Dtypes floating weights may travel in when pushed to a scorer (`--checkpoint-dtype`).
+CHECKPOINT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def make_checkpoint(model_name: str, kwargs: dict, model: nn.Module, *, version: int = 0, step: int = 0,

@@ -17,7 +17,18 @@ from typing import Any, Iterable
 import torch
 
 from dataselect.checkpoint import load_state, validate
-from dataselect.engine import compute_signals, synchronize
+from dataselect.engine import (
+    DEFAULT_MICRO_BATCH,
+    compute_signals,
+    free_device_memory,
+    parse_micro_batch,
+    pick_micro_batch,
+    prepare_inputs,
+    resolve_channels_last,
+    resolve_precision,
+    signal_bytes_per_sample,
+    synchronize,
+)
 from dataselect.errors import (
     DataselectError,
     FailedPrecondition,
@@ -84,8 +95,19 @@ class ScoringSession:
         dataset_size: int = 0,
         policy: str = "",
         device: torch.device | str = "cpu",
-        micro_batch: int = 1024,
+        micro_batch: int | str = "auto",
+        precision: str = "auto",
+        channels_last: bool | str | None = "auto",
+        compile: bool = False,
+        input_scale: float = 1.0,
     ):
+        """Engine options (see `dataselect.engine`): `micro_batch` 'auto' (sized from free
+        CUDA memory; `DEFAULT_MICRO_BATCH` elsewhere) or a number; `precision`
+        auto|fp32|bf16|fp16 for forward signals; `channels_last` auto|on|off;
+        `compile` the model's forward with `torch.compile` (eager, with a warning,
+        if that fails); `input_scale` in (0, 1] scores on inputs downscaled by
+        that factor (refused at open for models that cannot take them).
+        """
         cls = get_selector(strategy)
         if num_classes < 2:
             raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
@@ -109,11 +131,29 @@ class ScoringSession:
             raise InvalidArgument(f"unknown policy {policy!r}; use one of: {', '.join(POLICIES)}")
         self.policy = policy or cls.default_policy
         self.device = torch.device(device)
-        self.micro_batch = micro_batch
+        micro_batch = parse_micro_batch(micro_batch)
+        #: 'auto' sizes each pool's micro-batch from free device memory; self.micro_batch then
+        #: only caps it (None until an out-of-memory retry sets a cap).
+        self.auto_micro_batch = micro_batch == "auto"
+        self.micro_batch: int | None = None if self.auto_micro_batch else micro_batch
+        self._bytes_per_sample: dict[tuple, int] = {}
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.channels_last = resolve_channels_last(channels_last, self.device)
+        try:
+            self.input_scale = float(input_scale)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"input_scale must be a number in (0, 1], got {input_scale!r}") from None
+        if not 0.0 < self.input_scale <= 1.0:  # also refuses NaN
+            raise InvalidArgument(f"input_scale must be in (0, 1] (1 = full size, 0.5 = half the height and width), "
+                                  f"got {input_scale!r}")
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
         self.model = self._build_model()
         self.input_shape = self._input_shape()
+        self.features_fn = None
+        self._check_input_scale()
+        if compile:
+            self._compile()
         self.proxy: SessionProxy | None = None
         if getattr(self.selector, "proxy_width_ratio", None) is not None:
             # DynaMS PSP: the signals come from the model's slim sub-network (dataselect.proxy).
@@ -121,6 +161,8 @@ class ScoringSession:
                 model_name, self.model_kwargs, self.selector.proxy_width_ratio, self.model, self.device,
                 loss_weight=self.selector.proxy_loss_weight, agreement_sample=self.selector.proxy_agreement_sample,
                 input_shape=self.input_shape, who=f"strategy {strategy!r} (parameter-sharing proxy)")
+            if self.channels_last:  # the same memory format as the model it stands in for
+                self.proxy.model = self.proxy.model.to(memory_format=torch.channels_last)
         self.signals = frozenset(self.selector.signals)
         self.checkpoint_version: int | None = None
         self.lock = threading.Lock()
@@ -139,7 +181,75 @@ class ScoringSession:
         if outputs != self.context.num_classes:
             raise InvalidArgument(f"num_classes {self.context.num_classes} disagrees with model {self.model_name!r}, "
                                   f"which has {outputs} outputs; pass the same num_classes to both")
-        return model.to(self.device).eval()
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model.eval()
+
+    # -- engine options ------------------------------------------------------------
+    def scaled_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The (height, width) inputs are scored at; None = as they come."""
+        if self.input_scale == 1.0:
+            return None
+        return (max(1, round(height * self.input_scale)), max(1, round(width * self.input_scale)))
+
+    def _trial_input(self) -> torch.Tensor | None:
+        c, h, w = self.input_shape
+        if None in (c, h, w):
+            return None  # a plugin model that does not say what it takes: checked at the first Select
+        return torch.zeros(2, c, h, w, dtype=torch.uint8, device=self.device)
+
+    def _trial_forward(self, x: torch.Tensor, features_fn=None) -> None:
+        x = prepare_inputs(x, channels_last=self.channels_last, input_size=self.scaled_size(*x.shape[-2:]))
+        with torch.inference_mode():
+            self.model.classifier((features_fn or self.model.features)(x))
+
+    def _check_input_scale(self) -> None:
+        """A model with a fixed flatten size cannot take downscaled inputs: say so at open, not at the first Select."""
+        if self.input_scale == 1.0:
+            return
+        x = self._trial_input()
+        if x is None:
+            return
+        size = self.scaled_size(*x.shape[-2:])
+        try:
+            self._trial_forward(x)
+        except Exception as exc:
+            raise InvalidArgument(
+                f"model {self.model_name!r} cannot score inputs downscaled to {size[0]}x{size[1]} "
+                f"(input_scale {self.input_scale:g} of {x.shape[-2]}x{x.shape[-1]}): {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}; use input_scale 1.0, or a model with adaptive "
+                "pooling such as cnn-deep or resnet18") from None
+
+    def _compile(self) -> None:
+        """torch.compile the model's forward for forward signals; on failure warn and stay eager."""
+        try:
+            features_fn = torch.compile(self.model.features)
+            x = self._trial_input()
+            if x is not None:
+                self._trial_forward(x, features_fn)  # compiles now, so a failure shows at open
+        except Exception as exc:
+            log.warning("torch.compile failed for model %r (%s: %s); scoring without compile",
+                        self.model_name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return
+        self.features_fn = features_fn
+
+    def _micro_batch_for(self, inputs: torch.Tensor, model) -> int:
+        """The micro-batch for this pool: fixed, or 'auto' from free device memory (capped after an OOM)."""
+        if not self.auto_micro_batch:
+            return self.micro_batch
+        free = free_device_memory(self.device)
+        if free is None or inputs.shape[0] == 0:
+            size = DEFAULT_MICRO_BATCH
+        else:
+            key = (id(model), tuple(inputs.shape[1:]), inputs.dtype)
+            if key not in self._bytes_per_sample:  # one trial forward per model and input shape
+                self._bytes_per_sample[key] = signal_bytes_per_sample(
+                    model, inputs, self.signals, autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
+                    input_size=self.scaled_size(*inputs.shape[-2:]),
+                    features_fn=self.features_fn if model is self.model else None)
+            size = pick_micro_batch(free, self._bytes_per_sample[key])
+        return size if self.micro_batch is None else min(size, self.micro_batch)
 
     def _input_shape(self) -> tuple:
         """(channels, height, width) the model takes, from its kwargs or its builder's defaults (None: unknown)."""
@@ -168,7 +278,28 @@ class ScoringSession:
         name = ckpt.get("model")
         if name is not None and name != self.model_name:
             raise InvalidArgument(f"checkpoint is for model {name!r} but this session was opened for {self.model_name!r}")
-        self.load_state_dict(ckpt["state_dict"], version)
+        delta_of = ckpt.get("delta_of")
+        if delta_of is None:
+            self.load_state_dict(ckpt["state_dict"], version)
+            return
+        # A delta: only the tensors that changed since version `delta_of`, which must be the one loaded.
+        if not isinstance(delta_of, int) or isinstance(delta_of, bool):
+            raise InvalidArgument(f"checkpoint 'delta_of' must be an integer version, got {type(delta_of).__name__}")
+        with self.lock:
+            self._check_open()
+            if self.checkpoint_version != delta_of:
+                raise FailedPrecondition(
+                    f"checkpoint is a delta against version {delta_of} but this session holds "
+                    f"{'no checkpoint' if self.checkpoint_version is None else f'version {self.checkpoint_version}'}; "
+                    "push a full checkpoint")
+            merged = dict(self.model.state_dict())
+            unknown = sorted(set(ckpt["state_dict"]) - set(merged))
+            if unknown:
+                raise InvalidArgument(f"checkpoint delta for {self.model_name} has unexpected keys {unknown[:5]}")
+            merged.update(ckpt["state_dict"])
+            load_state(self.model, merged, model_name=self.model_name)
+            self.model.eval()
+            self.checkpoint_version = int(version)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
         with self.lock:
@@ -228,7 +359,8 @@ class ScoringSession:
             proxy = self.proxy if self.signals else None
             if proxy is not None:  # the slim sub-network scores; the full model only measures agreement
                 proxy.sync(self.model, self.checkpoint_version)
-                chunks = proxy.calibrating(chunks)
+                chunks = proxy.calibrating(chunks, prepare=lambda x: prepare_inputs(
+                    x, channels_last=self.channels_last, input_size=self.scaled_size(*x.shape[-2:])))
                 agreement = proxy.agreement(self._compute_signals)
             for chunk in chunks:
                 ids_parts.append(chunk.ids)
@@ -275,23 +407,33 @@ class ScoringSession:
         """The engine's signals from `model` (default: the session's); out of memory halves the micro-batch and retries, down to 1."""
         if inputs.is_floating_point() and inputs.dtype != torch.float32:
             inputs = inputs.float()  # the models compute in float32
+        model = self.model if model is None else model
+        micro_batch = self._micro_batch_for(inputs, model)
         while True:
+            features_fn = self.features_fn if model is self.model else None
             try:
-                return compute_signals(self.model if model is None else model, inputs, labels, self.signals,
-                                       device=self.device, micro_batch=self.micro_batch)
+                return compute_signals(model, inputs, labels, self.signals, device=self.device, micro_batch=micro_batch,
+                                       autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
+                                       input_size=self.scaled_size(*inputs.shape[-2:]), features_fn=features_fn)
             except Exception as exc:
                 if not is_out_of_memory(exc):
-                    raise
+                    if features_fn is None:
+                        raise
+                    # A compiled forward can fail on shapes it had not seen; eager still works.
+                    log.warning("compiled scoring model failed (%s: %s); scoring without compile from now on",
+                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    self.features_fn = None
+                    continue
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if self.micro_batch <= 1:
+                if micro_batch <= 1:
                     raise ResourceExhausted(
                         f"out of memory on {self.device} while scoring even one sample at a time ({exc}); "
                         "use a smaller model, free the device or run the server on a larger one") from None
                 # Kept for later calls: the memory that ran out is usually still taken.
-                self.micro_batch = max(1, self.micro_batch // 2)
+                micro_batch = self.micro_batch = max(1, micro_batch // 2)
                 log.warning("out of memory on %s while scoring; retrying with micro-batch %d",
-                            self.device, self.micro_batch)
+                            self.device, micro_batch)
 
     def _run_strategy(self, pool: Pool, budget: int, policy: str) -> Selection:
         """Run the strategy; whatever it gets wrong becomes a PluginError naming it and its plugin."""

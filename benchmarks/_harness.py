@@ -1,0 +1,86 @@
+"""Shared plumbing for the end-to-end benchmarks: a pinned scoring server and pinned trainer runs.
+
+On a CPU box the server and the trainer each get their own core (`taskset`-style
+affinity via `os.sched_setaffinity` in the child) and one torch thread, so a
+remote run measures what a separate scoring device buys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+BIN = Path(sys.executable).parent
+
+
+def _pinned(core: int | None):
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = os.sched_getaffinity(0)
+    if core not in cores:
+        return None
+
+    def pin() -> None:
+        os.sched_setaffinity(0, {core})
+
+    return pin
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+@contextmanager
+def scoring_server(core: int | None = None, *extra: str) -> Iterator[str]:
+    """A `dataselect-server --device cpu --port 0` subprocess (pinned to `core`); yields HOST:PORT."""
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([str(BIN / "dataselect-server"), "--device", "cpu", "--port", "0", *extra],
+                            stdout=log, stderr=subprocess.STDOUT, env=_env(), preexec_fn=_pinned(core))
+    try:
+        deadline = time.monotonic() + 60
+        address = None
+        while address is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dataselect-server did not start:\n{Path(log.name).read_text()}")
+            m = re.search(r"^listening on (\S+)$", Path(log.name).read_text(), re.M)
+            address = m.group(1) if m else None
+            time.sleep(0.2)
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        os.unlink(log.name)
+
+
+def run_trainer(args: list[str], core: int | None = None, timeout: float = 3600) -> dict:
+    """Run `dataselect-train ... --json -q` (pinned to `core`, one thread) and return its summary."""
+    cmd = [str(BIN / "dataselect-train"), *args, "--threads", "1", "--json", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), preexec_fn=_pinned(core),
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cores} CPU cores available, torch threads 1 per process"

@@ -1,0 +1,116 @@
+"""Wall-clock to a target test accuracy on real MNIST (issue 7, measurement 4).
+
+Every run trains until `--target` (default 0.99) is reached or `--max-epochs`
+pass, evaluating every `--eval-every` trained samples; times exclude data
+loading and evaluation (`time_to_target_seconds`). Runs:
+
+* `full`: full-data training, no scoring (the baseline);
+* each strategy of `--strategies`, embedded (scored in the trainer's process) and
+  remote (a `dataselect-server` on its own core, `--overlap`).
+
+Reported per run: trainer seconds to target, its ratio to full data, and total
+compute (trainer seconds + server compute seconds; for embedded runs the
+scoring is already inside the trainer's seconds). Each finished run's summary
+is kept in `--output`, and a rerun skips runs already there, so an interrupted
+benchmark loses nothing.
+
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/datasets --output tta/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import machine, run_trainer, scoring_server  # noqa: E402
+
+DEFAULT_STRATEGIES = "random,high_loss,selective_backprop,infobatch,high_gradient"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default="../shared/datasets")
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--model", default="cnn-small")
+    ap.add_argument("--strategies", default=DEFAULT_STRATEGIES)
+    ap.add_argument("--transports", default="embedded,remote")
+    ap.add_argument("--target", type=float, default=0.99)
+    ap.add_argument("--max-epochs", type=int, default=6)
+    ap.add_argument("--eval-every", type=int, default=6000)
+    ap.add_argument("--select-fraction", type=float, default=0.5)
+    ap.add_argument("--train-subset", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trainer-core", type=int, default=0)
+    ap.add_argument("--server-core", type=int, default=1)
+    ap.add_argument("--output", default="tta-results")
+    args = ap.parse_args()
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model,
+              "--epochs", str(args.max_epochs), "--eval-every", str(args.eval_every),
+              "--target-accuracy", str(args.target), "--device", "cpu", "--seed", str(args.seed)]
+    if args.train_subset:
+        common += ["--train-subset", str(args.train_subset)]
+    strategies = [s for s in args.strategies.split(",") if s]
+    transports = [t for t in args.transports.split(",") if t]
+    plan = [("full", "embedded", common + ["--select-fraction", "1"])]
+    for strategy in strategies:
+        for transport in transports:
+            plan.append((strategy, transport, common + ["--strategy", strategy,
+                                                        "--select-fraction", str(args.select_fraction)]))
+
+    summaries: dict[tuple[str, str], dict] = {}
+    need_server = any(t == "remote" for _, t, _ in plan)
+
+    def run_all(address: str | None) -> None:
+        for name, transport, cmd in plan:
+            path = out / f"{name}.{transport}.json"
+            if path.is_file():
+                summaries[(name, transport)] = json.loads(path.read_text())
+                continue
+            if transport == "remote":
+                cmd = cmd + ["--server", address, "--overlap"]
+            print(f"running {name} ({transport}) ...", file=sys.stderr, flush=True)
+            summary = run_trainer(cmd, core=args.trainer_core)
+            summary.pop("config", None)
+            path.write_text(json.dumps(summary, indent=1))
+            summaries[(name, transport)] = summary
+            print(f"  {name} ({transport}): target {'reached' if summary['time_to_target_seconds'] else 'NOT reached'}"
+                  f" at {summary['time_to_target_seconds']}s, accuracy {summary['test_accuracy']:.4f}",
+                  file=sys.stderr, flush=True)
+
+    if need_server and not all((out / f"{n}.{t}.json").is_file() for n, t, _ in plan):
+        with scoring_server(args.server_core) as address:
+            run_all(address)
+    else:
+        run_all(None)
+
+    full = summaries[("full", "embedded")]["time_to_target_seconds"]
+    print(f"\nTime to {args.target:.1%} test accuracy on {args.dataset} ({args.model}, select fraction "
+          f"{args.select_fraction}, evaluated every {args.eval_every} samples, at most {args.max_epochs} epochs); "
+          f"{machine()}; remote = server on its own core with --overlap\n")
+    print("| strategy | scorer | trainer s to target | ratio to full data | total compute s (trainer + server) "
+          "| samples trained to target | epochs | final acc |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (name, transport), s in summaries.items():
+        t = s["time_to_target_seconds"]
+        server = s["server_compute_seconds"] if transport == "remote" else 0.0
+        # Compute spent up to the target: the server's share scales with the trainer's progress.
+        frac = (t / s["training_wall_seconds"]) if t and s["training_wall_seconds"] else 1.0
+        total = (t + server * frac) if t else None
+        epochs = s["samples_to_target"] / max(1, s["train_samples"]) if t else None
+        print(f"| {name} | {transport if name != 'full' else '-'} | {_fmt(t)} | "
+              f"{_fmt(t / full if t and full else None, 'x')} | {_fmt(total)} | "
+              f"{s['samples_to_target'] if t else 'not reached'} | {_fmt(epochs)} | {s['test_accuracy']:.4f} |")
+
+
+def _fmt(v, suffix: str = "") -> str:
+    return "—" if v is None else f"{v:.2f}{suffix}"
+
+
+if __name__ == "__main__":
+    main()
