@@ -527,6 +527,21 @@ class ReplicatedScorer:
                           checkpoint_version=version, server_compute_seconds=0.0, samples_scored=samples)
 
 
+def open_replicated(config: Any, spec: SessionSpec, device: torch.device | str) -> ReplicatedScorer:
+    """The trainer's `--server host1:port,host2:port`: a ReplicatedScorer with its remote options.
+
+    Each replica gets a short reconnect budget (at most 2 s of `--retry-seconds`) so that a dead one
+    is dropped quickly; `--retry-seconds` is how long to wait for one to come back once all are down.
+    """
+    remote: dict[str, Any] = {"token_file": config.token_file, "tls_ca": config.tls_ca}
+    for name in ("checkpoint_dtype", "checkpoint_delta"):  # optional remote settings
+        if getattr(config, name, None) is not None:
+            remote[name] = getattr(config, name)
+    return ReplicatedScorer(parse_servers(config.server), spec, replica_retry_seconds=min(2.0, config.retry_seconds),
+                            retry_seconds=config.retry_seconds, on_server_failure=config.on_server_failure,
+                            fallback_device=device, **remote)
+
+
 def _part(t: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[pos]
 
