@@ -70,14 +70,15 @@ def decode(msg: pb.Tensor, *, name: str = "tensor") -> torch.Tensor:
     for s in shape:
         numel *= s
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(msg.data) != numel * itemsize:
+    data = msg.data  # read once: each read of a bytes field makes a new copy of the payload
+    if len(data) != numel * itemsize:
         raise InvalidArgument(
-            f"{name}: {len(msg.data)} bytes do not match dtype {msg.dtype} x shape {list(shape)} "
+            f"{name}: {len(data)} bytes do not match dtype {msg.dtype} x shape {list(shape)} "
             f"(expected {numel * itemsize} bytes)"
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(msg.data, dtype=dtype).reshape(shape)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def is_set(msg: pb.Tensor) -> bool:

@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dataselect.engine import resolve_device
+from dataselect.engine import parse_micro_batch, resolve_channels_last, resolve_device, resolve_precision
 from dataselect.errors import DataselectError, InvalidArgument
 from dataselect.server.auth import AuthInterceptor
 from dataselect.server.interceptors import ErrorMappingInterceptor, InFlightLimit
@@ -89,7 +89,7 @@ def serve(
     device: str | torch.device = "cpu",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     workers: int = 8,
-    micro_batch: int = 1024,
+    micro_batch: int | str = "auto",
     max_sessions: int = 64,
     grace_seconds: float = 5.0,
     max_queue: int = DEFAULT_MAX_QUEUE,
@@ -98,6 +98,9 @@ def serve(
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
+    precision: str = "auto",
+    channels_last: bool | str | None = "auto",
+    compile: bool = False,
 ) -> Iterator[RunningServer]:
     """Start the scoring server and yield it; on exit, stop it with a grace period.
 
@@ -107,7 +110,10 @@ def serve(
     Sessions idle for `session_ttl` seconds are closed. With `tokens`, every
     call but health checks needs `authorization: Bearer <token>`; with
     `tls_cert`/`tls_key` (PEM files) the port speaks TLS; `checkpoint_dir` is
-    the one directory CheckpointChunk.path may name. Raises
+    the one directory CheckpointChunk.path may name. `micro_batch` ('auto':
+    sized from free CUDA memory), `precision` (auto|fp32|bf16|fp16 for forward
+    signals), `channels_last` (auto|on|off) and `compile` are the scoring
+    engine's options for every session (`dataselect.engine`). Raises
     `dataselect.errors.InvalidArgument` for an unusable device or setting and
     `AddressInUse` when the address cannot be bound.
     """
@@ -118,6 +124,9 @@ def serve(
         raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
     if checkpoint_dir is not None and not Path(checkpoint_dir).is_dir():
         raise InvalidArgument(f"--checkpoint-dir {checkpoint_dir} is not a directory")
+    micro_batch = parse_micro_batch(micro_batch)
+    resolve_precision(precision, dev)  # refuse a bad value now, not at the first OpenSession
+    resolve_channels_last(channels_last, dev)
     tokens = [t for t in tokens if t]
     if not is_loopback(host) and not tokens:
         log.warning("listening on %s without a token: anyone who can reach this address can use the server; "
@@ -125,7 +134,8 @@ def serve(
                     "" if tls_cert else " and --tls-cert/--tls-key")
     store = SessionStore(max_sessions=max_sessions, ttl=session_ttl)
     servicer = SelectionServicer(store, device=dev, max_message_bytes=max_message_bytes, micro_batch=micro_batch,
-                                 scoring_slots=workers, checkpoint_dir=checkpoint_dir, authenticated=bool(tokens))
+                                 scoring_slots=workers, checkpoint_dir=checkpoint_dir, authenticated=bool(tokens),
+                                 precision=precision, channels_last=channels_last, compile=compile)
     in_flight = workers + max_queue
     interceptors = ([AuthInterceptor(tokens)] if tokens else []) + [ErrorMappingInterceptor(InFlightLimit(in_flight))]
     server = grpc.server(

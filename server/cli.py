@@ -19,13 +19,37 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+class MicroBatch(click.ParamType):
+    """'auto' or a positive integer."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        from dataselect.engine import parse_micro_batch
+
+        try:
+            return parse_micro_batch(value)
+        except DataselectError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all interfaces).")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--max-message-mb", default=64, show_default=True, type=click.IntRange(1, 2047),
               help="Largest gRPC message accepted or sent, in MiB (clients should use the same).")
-@click.option("--micro-batch", default=1024, show_default=True, type=click.IntRange(1), help="Samples per scoring forward pass.")
+@click.option("--micro-batch", default="auto", show_default=True, type=MicroBatch(),
+              help="Samples per scoring forward pass; auto sizes it from free GPU memory (1024 off CUDA).")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"], case_sensitive=False),
+              help="Autocast dtype for forward-only signals (losses and margins stay float32; gradient "
+                   "signals always run in fp32); auto = bf16 on CUDA if supported, else fp32.")
+@click.option("--channels-last", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="Score in channels-last memory format; auto = on for CUDA and CPU.")
+@click.option("--compile/--no-compile", "compile_model", default=False, show_default=True,
+              help="torch.compile the scoring model's forward (slow first call; eager with a warning if it fails).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1), help="Threads serving RPCs.")
 @click.option("--grace-seconds", default=10.0, show_default=True, type=click.FloatRange(0),
               help="On shutdown, how long calls in flight may finish.")
@@ -43,11 +67,11 @@ def _fail(message: str) -> None:
               help="Let clients name checkpoint files inside this directory (nothing outside it).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-def main(host, port, device, max_message_mb, micro_batch, workers, grace_seconds, max_queue, max_sessions,
-         session_ttl, token_file, tls_cert, tls_key, checkpoint_dir, log_level):
+def main(host, port, device, max_message_mb, micro_batch, precision, channels_last, compile_model, threads, workers,
+         grace_seconds, max_queue, max_sessions, session_ttl, token_file, tls_cert, tls_key, checkpoint_dir, log_level):
     """Serve dataselect.v1.Selection: score candidate pools for dataselect-train."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dataselect.engine import resolve_device
+    from dataselect.engine import resolve_device, resolve_precision
     from dataselect.plugins import selectors
     from dataselect.server.app import AddressInUse, serve
     from dataselect.server.auth import read_tokens
@@ -56,6 +80,14 @@ def main(host, port, device, max_message_mb, micro_batch, workers, grace_seconds
         dev = resolve_device(device)
     except DataselectError as exc:
         _fail(f"--device: {exc}")
+    try:
+        resolve_precision(precision, dev)
+    except DataselectError as exc:
+        _fail(f"--precision: {exc}")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     try:
         tokens = read_tokens(token_file)
@@ -74,10 +106,13 @@ def main(host, port, device, max_message_mb, micro_batch, workers, grace_seconds
         with serve(host, port, device=dev, max_message_bytes=max_message_mb * 2**20, workers=workers,
                    micro_batch=micro_batch, grace_seconds=grace_seconds, max_queue=max_queue,
                    max_sessions=max_sessions, session_ttl=session_ttl, tokens=tokens, tls_cert=tls_cert,
-                   tls_key=tls_key, checkpoint_dir=checkpoint_dir) as running:
+                   tls_key=tls_key, checkpoint_dir=checkpoint_dir, precision=precision.lower(),
+                   channels_last=channels_last, compile=compile_model) as running:
             log.info("dataselect-server listening on %s (%s, %s), device %s, strategies: %s",
                      running.address, "TLS" if running.tls else "plaintext",
                      "token required" if tokens else "no token", running.device, ", ".join(selectors()))
+            log.info("scoring engine: micro-batch %s, precision %s, channels-last %s, compile %s",
+                     micro_batch, precision, channels_last, "on" if compile_model else "off")
             click.echo(f"listening on {running.address}")
             sys.stdout.flush()
             # Event.wait with a timeout keeps the main thread responsive to signals.

@@ -53,15 +53,19 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             reports the wait.
         checkpoint_dir: the one directory CheckpointChunk.path may name (None: paths refused).
         authenticated: sessions belong to the token that opened them.
+        micro_batch, precision, channels_last, compile: the scoring engine's options for
+            every session (see `dataselect.scoring.ScoringSession`).
     """
 
     def __init__(self, store: SessionStore, *, device: torch.device, max_message_bytes: int,
-                 micro_batch: int = 1024, max_checkpoint_bytes: int = 2 * 2**30, scoring_slots: int = 8,
-                 checkpoint_dir: str | Path | None = None, authenticated: bool = False):
+                 micro_batch: int | str = "auto", max_checkpoint_bytes: int = 2 * 2**30, scoring_slots: int = 8,
+                 checkpoint_dir: str | Path | None = None, authenticated: bool = False,
+                 precision: str = "auto", channels_last: bool | str | None = "auto", compile: bool = False):
         self.store = store
         self.device = device
         self.max_message_bytes = max_message_bytes
         self.micro_batch = micro_batch
+        self.engine_options = dict(precision=precision, channels_last=channels_last, compile=compile)
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir).resolve()
         self.authenticated = authenticated
@@ -90,7 +94,7 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             request.strategy, options, request.model.name, kwargs,
             num_classes=request.num_classes, seed=request.seed, dataset=request.dataset,
             dataset_size=request.dataset_size, policy=request.policy, device=self.device,
-            micro_batch=self.micro_batch,
+            micro_batch=self.micro_batch, input_scale=request.input_scale or 1.0, **self.engine_options,
         )
         # Name the registering plugin too, so a failing third-party strategy is easy to trace.
         plugin = selectors()[request.strategy].plugin

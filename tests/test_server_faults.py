@@ -19,6 +19,7 @@ import torch
 
 from dataselect import codec
 from dataselect.checkpoint import make_checkpoint, to_bytes
+from dataselect.engine import DEFAULT_MICRO_BATCH
 from dataselect.models import build_model
 from dataselect.plugins import register_plugin, unregister_plugin
 from dataselect.plugins.base import Selector
@@ -374,11 +375,11 @@ def test_out_of_memory_retries_with_smaller_micro_batches(server, stub, sid, mon
     real = scoring.compute_signals
     seen = []
 
-    def tight(model, inputs, labels, wanted, *, device, micro_batch):
+    def tight(model, inputs, labels, wanted, *, device, micro_batch, **engine_options):
         seen.append(micro_batch)
         if micro_batch > 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, inputs, labels, wanted, device=device, micro_batch=micro_batch)
+        return real(model, inputs, labels, wanted, device=device, micro_batch=micro_batch, **engine_options)
 
     monkeypatch.setattr(scoring, "compute_signals", tight)
     fresh = stub.OpenSession(open_req(), timeout=TIMEOUT).session_id
@@ -387,7 +388,8 @@ def test_out_of_memory_retries_with_smaller_micro_batches(server, stub, sid, mon
     ids, inputs, labels = pool(16)
     resp = stub.Select(req(fresh, ids, inputs, labels, 4), timeout=TIMEOUT)
     assert codec.decode(resp.selected_ids).numel() == 4
-    assert seen[0] == server.servicer.micro_batch and seen[-1] == 4
+    # The server's default micro-batch is 'auto', which is DEFAULT_MICRO_BATCH on the CPU.
+    assert server.servicer.micro_batch == "auto" and seen[0] == DEFAULT_MICRO_BATCH and seen[-1] == 4
     assert seen == sorted(seen, reverse=True) and all(a == 2 * b for a, b in zip(seen, seen[1:]))
 
     def never(*a, **k):

@@ -25,7 +25,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("strategy", "options_json", "model", "seed", "num_classes", "dataset", "dataset_size", "policy")
+    __slots__ = ("strategy", "options_json", "model", "seed", "num_classes", "dataset", "dataset_size", "policy", "input_scale")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class OpenSessionRequest(_message.Message):
     DATASET_FIELD_NUMBER: _ClassVar[int]
     DATASET_SIZE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCALE_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     options_json: str
     model: ModelSpec
@@ -42,7 +43,8 @@ class OpenSessionRequest(_message.Message):
     dataset: str
     dataset_size: int
     policy: str
-    def __init__(self, strategy: _Optional[str] = ..., options_json: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., num_classes: _Optional[int] = ..., dataset: _Optional[str] = ..., dataset_size: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+    input_scale: float
+    def __init__(self, strategy: _Optional[str] = ..., options_json: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., num_classes: _Optional[int] = ..., dataset: _Optional[str] = ..., dataset_size: _Optional[int] = ..., policy: _Optional[str] = ..., input_scale: _Optional[float] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "strategy", "resolved_options_json", "default_mode", "policy", "device", "signals", "uses_reports", "proxy")
