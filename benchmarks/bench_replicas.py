@@ -21,61 +21,20 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-BIN = Path(sys.executable).parent
-
-
-def _server_cmd() -> list[str]:
-    script = BIN / "dataselect-server"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dataselect.server.cli"]
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import BIN, scoring_server  # noqa: E402  (pinned CPU server subprocess)
 
 def _supports_threads() -> bool:
-    out = subprocess.run(_server_cmd() + ["--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([str(BIN / "dataselect-server"), "--help"], capture_output=True, text=True).stdout
     return "--threads" in out
-
-
-@contextmanager
-def pinned_server(core: int | None, threads_flag: bool) -> Iterator[str]:
-    """A CPU `dataselect-server` on a free port, pinned to `core`; yields its address."""
-    cmd = _server_cmd() + ["--device", "cpu", "--port", "0", "--log-level", "warning"]
-    if threads_flag:
-        cmd += ["--threads", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def pin():
-        if core is not None:
-            os.sched_setaffinity(0, {core})
-
-    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                match = re.search(r"^listening on (\S+)$", Path(log.name).read_text(), re.M)
-                if match:
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"dataselect-server did not start:\n{Path(log.name).read_text()}")
-                time.sleep(0.1)
-            yield match.group(1)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def measure(counts: list[int], args, threads_flag: bool) -> list[dict]:
@@ -97,7 +56,8 @@ def measure(counts: list[int], args, threads_flag: bool) -> list[dict]:
     budget = max(1, round(args.pool * args.fraction))
     cores = sorted(os.sched_getaffinity(0))
     with ExitStack() as stack:
-        addresses = [stack.enter_context(pinned_server(cores[k % len(cores)] if args.pin else None, threads_flag))
+        extra = ["--log-level", "warning", *(["--threads", "1"] if threads_flag else [])]
+        addresses = [stack.enter_context(scoring_server(cores[k % len(cores)] if args.pin else None, *extra))
                      for k in range(max(counts))]
         scorers = {n: stack.enter_context(ReplicatedScorer(addresses[:n], spec, timeout=600)) for n in counts}
         times: dict[int, list[float]] = {n: [] for n in counts}
@@ -112,14 +72,14 @@ def measure(counts: list[int], args, threads_flag: bool) -> list[dict]:
                 scorer.select(ids, inputs, labels, budget, Progress())
                 if r >= args.warmup:
                     times[n].append(time.perf_counter() - t0)
-        extra = {n: dict(s.counters.extra) for n, s in scorers.items()}
+        counters = {n: dict(s.counters.extra) for n, s in scorers.items()}
     rows = []
     for n in counts:
         total = sum(times[n])
         rows.append({"replicas": n, "pool": args.pool, "budget": budget, "repeats": args.repeats,
                      "seconds": total, "samples_per_second": args.pool * args.repeats / total,
                      "median_select_seconds": sorted(times[n])[len(times[n]) // 2],
-                     "per_replica_samples": {k: v for k, v in extra[n].items() if k.endswith("_samples_scored")}})
+                     "per_replica_samples": {k: v for k, v in counters[n].items() if k.endswith("_samples_scored")}})
     return rows
 
 
