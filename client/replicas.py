@@ -340,7 +340,8 @@ class ReplicatedScorer:
         infos = [r.info for r in self._replicas if r is not None]
         first = infos[0]
         for k, other in enumerate(infos[1:], 2):
-            for name in ("strategy", "policy", "uses_reports", "signals", "resolved_options"):
+            for name in ("strategy", "policy", "uses_reports", "signals", "resolved_options", "proxy_width_ratio",
+                         "proxy_loss_weight"):
                 if getattr(other, name) != getattr(first, name):
                     raise InvalidArgument(
                         f"scoring replicas disagree on {name}: {self.addresses[0]} has {getattr(first, name)!r}, "
@@ -349,7 +350,8 @@ class ReplicatedScorer:
         return SessionInfo(session_id=",".join(i.session_id for i in infos), strategy=first.strategy,
                            resolved_options=first.resolved_options, default_mode=first.default_mode,
                            policy=first.policy, device=first.device, signals=first.signals,
-                           uses_reports=first.uses_reports)
+                           uses_reports=first.uses_reports, proxy_width_ratio=first.proxy_width_ratio,
+                           proxy_loss_weight=first.proxy_loss_weight)
 
     def _shards(self, ids: torch.Tensor, positions: torch.Tensor, budget: int) -> list[tuple[int, torch.Tensor, int]]:
         """(replica, positions, budget share) per live replica owning some of `ids`."""
@@ -508,6 +510,7 @@ class ReplicatedScorer:
                 scores[pos] = r.scores.float()
         samples = sum(int(r.samples_scored) for _, r in done)
         version = min(int(r.checkpoint_version) for _, r in done)
+        diagnostics = _merge_diagnostics([r.diagnostics for _, r in done])
         if self.merge == "exact":
             if scores is None or bool(torch.isnan(scores).any()):
                 raise PluginError(f"strategy {self.spec.strategy!r}: a replica returned no scores, so the budget "
@@ -517,14 +520,29 @@ class ReplicatedScorer:
             sel = apply_policy(self.info.policy, scores, labels.long(), budget, self._policy_generator)
             return ScoreReply(selected_ids=ids[sel.indices], weights=sel.weights,
                               scores=scores if return_scores else None, checkpoint_version=version,
-                              server_compute_seconds=0.0, samples_scored=samples)
+                              server_compute_seconds=0.0, samples_scored=samples, diagnostics=diagnostics)
         selected = torch.cat([r.selected_ids.long() for _, r in done])
         weights = None
         if any(r.weights is not None for _, r in done):
             weights = torch.cat([r.weights.float() if r.weights is not None else torch.ones(r.selected_ids.numel())
                                  for _, r in done])
         return ScoreReply(selected_ids=selected, weights=weights, scores=scores if return_scores else None,
-                          checkpoint_version=version, server_compute_seconds=0.0, samples_scored=samples)
+                          checkpoint_version=version, server_compute_seconds=0.0, samples_scored=samples,
+                          diagnostics=diagnostics)
+
+
+def _merge_diagnostics(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replicas' per-Select figures: numbers averaged over the replicas that gave them, anything else the first."""
+    merged: dict[str, Any] = {}
+    numbers: dict[str, list[float]] = {}
+    for part in parts:
+        for key, value in (part or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers.setdefault(key, []).append(float(value))
+            else:
+                merged.setdefault(key, value)
+    merged.update({key: sum(v) / len(v) for key, v in numbers.items()})
+    return merged
 
 
 def open_replicated(config: Any, spec: SessionSpec, device: torch.device | str) -> ReplicatedScorer:

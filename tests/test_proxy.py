@@ -290,3 +290,16 @@ def test_training_with_the_proxy_end_to_end(tmp_path):
     plain = train(TrainConfig(**cfg))
     assert plain["proxy_width_ratio"] is None and plain["diagnostics"] == {}
     assert "diagnostics" not in plain["per_epoch"][0]
+
+
+def test_replicated_scorer_keeps_the_proxy_and_merges_diagnostics():
+    from dataselect.client.replicas import ReplicatedScorer
+
+    sp = _spec({"proxy": "psp", "agreement_sample": 30})
+    scorer = ReplicatedScorer(["r0:1", "r1:2"], sp, connect=lambda address, retry, timeout: EmbeddedScorer(sp))
+    assert (scorer.info.proxy_width_ratio, scorer.info.proxy_loss_weight) == (0.5, 1.0)
+    scorer.push_checkpoint(_trained_looking("mlp"), 1, 0)
+    ids, x, y = _pool(120)
+    reply = scorer.select(ids, x, y, 30, Progress())
+    assert reply.diagnostics["proxy_agreement_samples"] == 30 and -1.0 <= reply.diagnostics["proxy_rank_correlation"] <= 1.0
+    scorer.close()
