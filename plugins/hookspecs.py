@@ -69,6 +69,11 @@ def register_models(register: Callable[..., None]) -> None:
     installed where the server runs (the checkpoint names the model, not its
     code). A name taken by another plugin is refused naming both plugins.
 
+    Optional: a builder with a `slim_kwargs(kwargs, ratio)` method (mixin
+    `dataselect.models.Slimmable`) returns the kwargs of a narrower twin whose
+    every tensor is the leading slice of the full model's; such a model can
+    serve `dynams proxy=psp` (the parameter-sharing proxy, `dataselect.proxy`).
+
     Example:
 
         @dataselect.hookimpl
