@@ -406,11 +406,9 @@ class ReplicatedScorer:
             if isinstance(result, _ReplicaDown):
                 self._mark_down(j, result.cause)
         if not any(self.live):
+            # Falls back (the fallback loads the weights of `_last_push`, this push), or brings a
+            # replica back with them, or raises.
             self._all_down(next(r.cause for r in results if isinstance(r, _ReplicaDown)))
-            if self._fallback is not None:
-                self._push_one(self._fallback, push)
-            else:  # a replica came back: it got the latest weights when it was revived
-                pass
         self.counters.checkpoint_pushes += 1
         self._sync_counters()
 
