@@ -213,8 +213,7 @@ class ReplicatedScorer:
                     opened.append(connect(address, self.replica_retry_seconds, connect_timeout))
                 except DataselectError as exc:
                     if _is_unavailable(exc):
-                        raise type(exc)(f"replica {k + 1} of {len(self.addresses)} ({address}): {exc}; "
-                                        "start it, or leave it out of --server") from None
+                        raise type(exc)(f"replica {k + 1} of {len(self.addresses)}: {exc}") from None
                     raise
             self._replicas = opened
             self.info = self._agreed_info()
