@@ -22,16 +22,20 @@ BIN = Path(sys.executable).parent
 
 
 def _pinned(core: int | None):
-    if core is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    cores = os.sched_getaffinity(0)
-    if core not in cores:
-        return None
+    """A preexec function: pin the child to `core` (when it exists here) and, on Linux, have it
+    killed when the benchmark dies, so an interrupted benchmark leaves no server behind."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else set()
 
-    def pin() -> None:
-        os.sched_setaffinity(0, {core})
+    def setup() -> None:
+        if core is not None and core in cores:
+            os.sched_setaffinity(0, {core})
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import signal
 
-    return pin
+            ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return setup
 
 
 def _env() -> dict[str, str]:
