@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -44,29 +45,54 @@ def _env() -> dict[str, str]:
     return env
 
 
+@dataclass
+class Server:
+    address: str
+    pid: int
+
+
+@contextmanager
+def server_process(*extra: str, threads: int = 1, core: int | None = None) -> Iterator[Server]:
+    """`dataselect-server --device cpu --port 0 --threads N ...extra` (pinned to `core`); stopped on exit."""
+    script = BIN / "dataselect-server"
+    cmd = ([str(script)] if script.exists() else [sys.executable, "-m", "dataselect.server.cli"]) + [
+        "--device", "cpu", "--port", "0", "--threads", str(threads), "--log-level", "warning", *extra]
+    env = dict(_env(), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_pinned(core))
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                match = re.search(r"^listening on (\S+)$", Path(log.name).read_text(), re.M)
+                if match:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"dataselect-server did not start:\n{Path(log.name).read_text()}")
+                time.sleep(0.1)
+            yield Server(match.group(1), proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @contextmanager
 def scoring_server(core: int | None = None, *extra: str) -> Iterator[str]:
-    """A `dataselect-server --device cpu --port 0` subprocess (pinned to `core`); yields HOST:PORT."""
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen([str(BIN / "dataselect-server"), "--device", "cpu", "--port", "0", *extra],
-                            stdout=log, stderr=subprocess.STDOUT, env=_env(), preexec_fn=_pinned(core))
-    try:
-        deadline = time.monotonic() + 60
-        address = None
-        while address is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dataselect-server did not start:\n{Path(log.name).read_text()}")
-            m = re.search(r"^listening on (\S+)$", Path(log.name).read_text(), re.M)
-            address = m.group(1) if m else None
-            time.sleep(0.2)
-        yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        os.unlink(log.name)
+    """A one-thread CPU server pinned to `core`; yields its HOST:PORT."""
+    with server_process(*extra, core=core) as server:
+        yield server.address
+
+
+def memory_mib(pid: int, field: str = "VmHWM") -> float:
+    """A /proc/PID/status memory figure in MiB: VmHWM (peak resident set) or VmRSS (now)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run_trainer(args: list[str], core: int | None = None, timeout: float = 3600) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server_proc import median  # noqa: E402
+from _harness import median  # noqa: E402
 
 CONFIGS = {
     "fp32, contiguous (baseline)": dict(precision="fp32", channels_last="off"),

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server_proc import median, memory_mib, server_process  # noqa: E402
+from _harness import median, memory_mib, server_process  # noqa: E402
 
 MODELS = {"cnn-small": ("cnn-small", {}), "cnn-deep-4": ("cnn-deep", {"depth": 4}),
           "cnn-deep-6": ("cnn-deep", {"depth": 6}), "cnn-deep-9": ("cnn-deep", {"depth": 9})}

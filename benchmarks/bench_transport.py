@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server_proc import median, server_process  # noqa: E402
+from _harness import median, server_process  # noqa: E402
 
 
 def main(argv=None) -> int:
