@@ -48,6 +48,9 @@ def main() -> None:
                          "between evaluations, too much to time a 99%% target)")
     ap.add_argument("--trainer-core", type=int, default=0)
     ap.add_argument("--server-core", type=int, default=1)
+    ap.add_argument("--remote-args", default="",
+                    help="extra dataselect-train options for the remote runs, e.g. \"--sync-every 4 "
+                         "--checkpoint-dtype bfloat16\"; their results are kept apart (transport remote[...])")
     ap.add_argument("--output", default="tta-results")
     args = ap.parse_args()
 
@@ -60,7 +63,9 @@ def main() -> None:
     if args.train_subset:
         common += ["--train-subset", str(args.train_subset)]
     strategies = [s for s in args.strategies.split(",") if s]
-    transports = [t for t in args.transports.split(",") if t]
+    remote_extra = args.remote_args.split()
+    remote_name = f"remote[{' '.join(remote_extra)}]" if remote_extra else "remote"
+    transports = [remote_name if t == "remote" else t for t in args.transports.split(",") if t]
     plan = [("full", "embedded", common + ["--select-fraction", "1"])]
     for strategy in strategies:
         for transport in transports:
@@ -68,16 +73,16 @@ def main() -> None:
                                                         "--select-fraction", str(args.select_fraction)]))
 
     summaries: dict[tuple[str, str], dict] = {}
-    need_server = any(t == "remote" for _, t, _ in plan)
+    need_server = any(t.startswith("remote") for _, t, _ in plan)
 
     def run_all(address: str | None) -> None:
         for name, transport, cmd in plan:
-            path = out / f"{name}.{transport}.json"
+            path = out / _file_name(name, transport)
             if path.is_file():
                 summaries[(name, transport)] = json.loads(path.read_text())
                 continue
-            if transport == "remote":
-                cmd = cmd + ["--server", address, "--overlap"]
+            if transport.startswith("remote"):
+                cmd = cmd + ["--server", address, "--overlap"] + remote_extra
             print(f"running {name} ({transport}) ...", file=sys.stderr, flush=True)
             summary = run_trainer(cmd, core=args.trainer_core)
             summary.pop("config", None)
@@ -87,7 +92,7 @@ def main() -> None:
                   f" at {summary['time_to_target_seconds']}s, accuracy {summary['test_accuracy']:.4f}",
                   file=sys.stderr, flush=True)
 
-    if need_server and not all((out / f"{n}.{t}.json").is_file() for n, t, _ in plan):
+    if need_server and not all((out / _file_name(n, t)).is_file() for n, t, _ in plan):
         with scoring_server(args.server_core) as address:
             run_all(address)
     else:
@@ -103,7 +108,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (name, transport), s in summaries.items():
         t = s["time_to_target_seconds"]
-        server = s["server_compute_seconds"] if transport == "remote" else 0.0
+        server = s["server_compute_seconds"] if transport.startswith("remote") else 0.0
         # Compute spent up to the target: the server's share scales with the trainer's progress.
         frac = (t / s["training_wall_seconds"]) if t and s["training_wall_seconds"] else 1.0
         total = (t + server * frac) if t else None
@@ -113,6 +118,10 @@ def main() -> None:
               f"{_fmt(t / full if t and full else None, 'x')} | {_fmt(cpu)} | "
               f"{_fmt(cpu / full_cpu if cpu and full_cpu else None, 'x')} | {_fmt(total)} | "
               f"{s['samples_to_target'] if t else 'not reached'} | {_fmt(epochs)} | {s['test_accuracy']:.4f} |")
+
+
+def _file_name(name: str, transport: str) -> str:
+    return f"{name}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in transport)}.json"
 
 
 def _fmt(v, suffix: str = "") -> str:
