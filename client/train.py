@@ -44,6 +44,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -198,6 +199,9 @@ class _Run:
     staleness_max: int = 0
     staleness_sum: int = 0
     staleness_count: int = 0
+    #: Selects finished and samples they kept (overlap sizes its look-ahead from them).
+    pools_selected: int = 0
+    kept_selected: int = 0
     #: --eval-every: samples_trained at which the next evaluation is due, and the points so far.
     next_eval: int = 0
     eval_points: list[dict[str, Any]] = field(default_factory=list)
@@ -622,6 +626,8 @@ def _finish_select(run: _Run, pending: _PendingSelect) -> tuple[torch.Tensor, to
         run.staleness_sum += stale
         run.staleness_count += 1
     chosen = _positions_of(split, reply.selected_ids)
+    run.pools_selected += 1
+    run.kept_selected += int(chosen.numel())
     if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
         raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(pending.positions)}")
     weights = reply.weights
@@ -738,25 +744,41 @@ def _online_epoch(run: _Run, epoch: int) -> None:
         budget = max(1, round(len(positions) * cfg.select_fraction))
         return _request_select(run, positions, budget, _progress(run, epoch, i / n_pools), fresh_model=False)
 
-    # Overlapped: pool i+1 is asked for before pool i's samples are trained on, so the
-    # scorer works while the trainer trains (the selection is at most --sync-every steps stale).
+    # Overlapped: the pools that will fill the next batch are asked for before this pool's
+    # samples are trained on, so the scorer works while the trainer trains (the selection
+    # is at most --sync-every steps stale). Inline: each pool is asked for when it is needed.
     overlap = run.pipeline is not None
-    pending = request(0) if n_pools else None
+    pending: deque[_PendingSelect] = deque()
+    asked = 0
     try:
         with _bar(run, epoch, n_pools) as bar:
             for i in range(n_pools):
-                ahead = request(i + 1) if overlap and i + 1 < n_pools else None
-                buffer.add(*_finish_select(run, pending))
-                pending = ahead
+                depth = 1 + _pools_per_batch(run) if overlap else 1
+                while asked < n_pools and len(pending) < depth:
+                    pending.append(request(asked))
+                    asked += 1
+                buffer.add(*_finish_select(run, pending.popleft()))
                 while buffer.size >= cfg.batch_size:
                     step(cfg.batch_size, (i + 1) / n_pools)
-                if not overlap and i + 1 < n_pools:
-                    pending = request(i + 1)
             if buffer.size:
                 step(buffer.size, 1.0)
     finally:
-        if pending is not None and pending.future is not None:
-            pending.future.cancel()  # a budget stop: the selection asked for ahead is not needed
+        for ahead in pending:  # a budget stop: the selections asked for ahead are not needed
+            if ahead.future is not None:
+                ahead.future.cancel()
+
+
+#: Overlap never asks for more than this many pools ahead.
+MAX_POOLS_AHEAD = 8
+
+
+def _pools_per_batch(run: _Run) -> int:
+    """Pools it takes to fill a batch, from what the strategy kept so far: 1 for exact budgets,
+    about 2 for Selective Backprop keeping half, so overlap asks for enough pools ahead."""
+    if run.pools_selected == 0 or run.kept_selected == 0:
+        return 1
+    kept_per_pool = run.kept_selected / run.pools_selected
+    return max(1, min(MAX_POOLS_AHEAD, math.ceil(run.config.batch_size / kept_per_pool - 1e-9)))
 
 
 def _whole_set_budget(run: _Run) -> int:

@@ -268,3 +268,29 @@ def test_bad_eval_settings_are_refused():
         train(_config(target_accuracy=99))
     with pytest.raises(InvalidArgument, match="--eval-every"):
         train(_config(eval_every=0))
+
+
+def test_overlap_asks_for_enough_pools_to_fill_a_batch():
+    from types import SimpleNamespace
+
+    from dataselect.client.train import MAX_POOLS_AHEAD, _pools_per_batch
+
+    def run(pools, kept, batch=64):
+        return SimpleNamespace(pools_selected=pools, kept_selected=kept, config=SimpleNamespace(batch_size=batch))
+
+    assert _pools_per_batch(run(0, 0)) == 1  # nothing known yet
+    assert _pools_per_batch(run(10, 640)) == 1  # exact budget: one pool per batch
+    assert _pools_per_batch(run(10, 320)) == 2  # Selective Backprop keeping half
+    assert _pools_per_batch(run(10, 300)) == 3
+    assert _pools_per_batch(run(10, 10)) == MAX_POOLS_AHEAD
+
+
+def test_variable_size_selections_overlap_with_bounded_staleness():
+    summary = train(_config(strategy="selective_backprop", overlap=True))
+    inline = train(_config(strategy="selective_backprop", overlap=False))
+    assert summary["overlap"] is True
+    assert summary["samples_scored"] == inline["samples_scored"]  # every pool of the epoch, once
+    # Enough pools are asked ahead to fill the next batch (~3 here, keeping ~1/3 of each pool):
+    # selections are scored up to about two batches before they are trained on.
+    assert 1 <= summary["staleness_max_steps"] <= 3
+    assert summary["staleness_mean_steps"] <= 2
