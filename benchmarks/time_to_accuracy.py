@@ -104,7 +104,7 @@ def main() -> None:
           f"{args.select_fraction}, lr {args.lr}, evaluated every {args.eval_every} samples, at most {args.max_epochs} epochs); "
           f"{machine()}; remote = server on its own core with --overlap\n")
     print("| strategy | scorer | trainer wall s to target | ratio to full | trainer CPU s to target | ratio to full "
-          "| total compute s (trainer + server) | samples trained to target | epochs | final acc |")
+          "| total compute s (trainer + server) | samples trained to target | samples / training-set size | final acc |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (name, transport), s in summaries.items():
         t = s["time_to_target_seconds"]
