@@ -46,7 +46,7 @@ def _brute(model, x, y, params_only_last=False, wrt_input=False):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("name", ["cnn-small", "resnet18"])
+@pytest.mark.parametrize("name", ["cnn-small", "cnn-deep", "mlp", "resnet18"])
 def test_gradient_norms_match_brute_force(name):
     model = _model(name)
     x, y = _batch()
@@ -83,3 +83,33 @@ def test_forward_signals_consistent():
     assert torch.allclose(got["logits"], z, atol=1e-5)
     assert torch.allclose(got["loss"], F.cross_entropy(z, y, reduction="none"), atol=1e-5)
     assert torch.allclose(got["probs"].sum(1), torch.ones(8), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "resnet18"])
+def test_closed_form_per_sample_norms_equal_torch_func(name):
+    from dataselect.engine import _layerwise_modules, _per_sample_grad_norm_layerwise, _per_sample_grad_norm_vmap
+
+    model = _model(name)
+    x, y = _batch(n=5)
+    owners = _layerwise_modules(model)
+    assert owners is not None  # every built-in model takes the closed-form path
+    closed = _per_sample_grad_norm_layerwise(model, owners, x, y)
+    assert _rel(closed, _per_sample_grad_norm_vmap(model, x, y)) <= RTOL
+
+
+def test_models_with_other_layers_fall_back_to_torch_func():
+    from torch import nn
+
+    from dataselect.engine import _layerwise_modules
+
+    model = _model("cnn-small")
+    model.conv[0] = nn.Conv2d(3, 32, 3, padding=1, groups=1)
+    assert _layerwise_modules(model) is not None
+    model.extra = nn.PReLU()  # a parameter the closed form does not know
+    assert _layerwise_modules(model) is None
+    model = _model("cnn-small")
+    model.conv[3] = nn.Conv2d(32, 64, 3, padding=1, groups=2)  # grouped: no unfold formula here
+    assert _layerwise_modules(model) is None
+    x, y = _batch()
+    got = compute_signals(model.eval(), x, y, {"grad_norm_full"})
+    assert _rel(got["grad_norm_full"], _brute(model, x, y)) <= RTOL
