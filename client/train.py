@@ -199,8 +199,8 @@ class _Run:
     staleness_max: int = 0
     staleness_sum: int = 0
     staleness_count: int = 0
-    #: Selects finished and samples they kept (overlap sizes its look-ahead from them).
-    pools_selected: int = 0
+    #: Budgets of the Selects finished and the samples they kept (overlap sizes its look-ahead from them).
+    budget_selected: int = 0
     kept_selected: int = 0
     #: --eval-every: samples_trained at which the next evaluation is due, and the points so far.
     next_eval: int = 0
@@ -572,6 +572,7 @@ class _PendingSelect:
     """A Select that was asked for; `_finish_select` waits for it and accounts its cost."""
 
     positions: torch.Tensor
+    budget: int = 0
     #: The reply when the call ran inline, else the pipeline's future.
     reply: Any = None
     future: Any = None
@@ -597,11 +598,11 @@ def _request_select(run: _Run, positions: torch.Tensor, budget: int, progress: P
     inputs = split.inputs[positions] if needs_inputs else None
     costs.data_seconds += time.perf_counter() - t0
     if run.pipeline is not None:
-        return _PendingSelect(positions, future=run.pipeline.submit("select", scorer.select, ids, inputs, labels,
-                                                                   budget, progress))
+        return _PendingSelect(positions, budget, future=run.pipeline.submit("select", scorer.select, ids, inputs,
+                                                                           labels, budget, progress))
     t0 = time.perf_counter()
     reply = scorer.select(ids, inputs, labels, budget, progress)
-    return _PendingSelect(positions, reply=reply, seconds=time.perf_counter() - t0)
+    return _PendingSelect(positions, budget, reply=reply, seconds=time.perf_counter() - t0)
 
 
 def _finish_select(run: _Run, pending: _PendingSelect) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -626,7 +627,7 @@ def _finish_select(run: _Run, pending: _PendingSelect) -> tuple[torch.Tensor, to
         run.staleness_sum += stale
         run.staleness_count += 1
     chosen = _positions_of(split, reply.selected_ids)
-    run.pools_selected += 1
+    run.budget_selected += pending.budget
     run.kept_selected += int(chosen.numel())
     if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
         raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(pending.positions)}")
@@ -773,12 +774,12 @@ MAX_POOLS_AHEAD = 8
 
 
 def _pools_per_batch(run: _Run) -> int:
-    """Pools it takes to fill a batch, from what the strategy kept so far: 1 for exact budgets,
-    about 2 for Selective Backprop keeping half, so overlap asks for enough pools ahead."""
-    if run.pools_selected == 0 or run.kept_selected == 0:
+    """Pools it takes to fill a batch, from the share of its budgets the strategy kept so far
+    (a full pool's budget is one batch): exactly 1 for exact budgets (short last pools
+    included), about 2 for Selective Backprop keeping half, so overlap asks for enough pools ahead."""
+    if run.budget_selected == 0 or run.kept_selected == 0:
         return 1
-    kept_per_pool = run.kept_selected / run.pools_selected
-    return max(1, min(MAX_POOLS_AHEAD, math.ceil(run.config.batch_size / kept_per_pool - 1e-9)))
+    return max(1, min(MAX_POOLS_AHEAD, math.ceil(run.budget_selected / run.kept_selected - 1e-9)))
 
 
 def _whole_set_budget(run: _Run) -> int:

@@ -98,6 +98,8 @@ def test_overlapped_training_trains_as_much_with_a_model_one_step_stale(inline_a
     # Pool t+1 is scored before step t trains: exactly one step stale, after the first pool.
     assert over["staleness_max_steps"] == 1
     assert 0.5 < over["staleness_mean_steps"] <= 1.0
+    multi = train(_config(overlap=True, epochs=2))  # short last pools must not deepen the look-ahead
+    assert multi["staleness_max_steps"] == 1
     assert over["samples_trained"] == inline["samples_trained"]
     assert over["samples_scored"] == inline["samples_scored"]
     assert over["steps"] == inline["steps"]
@@ -275,14 +277,15 @@ def test_overlap_asks_for_enough_pools_to_fill_a_batch():
 
     from dataselect.client.train import MAX_POOLS_AHEAD, _pools_per_batch
 
-    def run(pools, kept, batch=64):
-        return SimpleNamespace(pools_selected=pools, kept_selected=kept, config=SimpleNamespace(batch_size=batch))
+    def run(budget, kept):
+        return SimpleNamespace(budget_selected=budget, kept_selected=kept)
 
     assert _pools_per_batch(run(0, 0)) == 1  # nothing known yet
-    assert _pools_per_batch(run(10, 640)) == 1  # exact budget: one pool per batch
-    assert _pools_per_batch(run(10, 320)) == 2  # Selective Backprop keeping half
-    assert _pools_per_batch(run(10, 300)) == 3
-    assert _pools_per_batch(run(10, 10)) == MAX_POOLS_AHEAD
+    assert _pools_per_batch(run(640, 640)) == 1  # exact budget: one pool per batch
+    assert _pools_per_batch(run(31 * 64 + 16, 31 * 64 + 16)) == 1  # a short last pool changes nothing
+    assert _pools_per_batch(run(640, 320)) == 2  # Selective Backprop keeping half
+    assert _pools_per_batch(run(640, 300)) == 3
+    assert _pools_per_batch(run(640, 10)) == MAX_POOLS_AHEAD
 
 
 def test_variable_size_selections_overlap_with_bounded_staleness():
