@@ -279,31 +279,25 @@ class ScoringSession:
         if name is not None and name != self.model_name:
             raise InvalidArgument(f"checkpoint is for model {name!r} but this session was opened for {self.model_name!r}")
         delta_of = ckpt.get("delta_of")
-        if delta_of is None:
-            self.load_state_dict(ckpt["state_dict"], version)
-            return
-        # A delta: only the tensors that changed since version `delta_of`, which must be the one loaded.
-        if not isinstance(delta_of, int) or isinstance(delta_of, bool):
+        if delta_of is not None and (not isinstance(delta_of, int) or isinstance(delta_of, bool)):
             raise InvalidArgument(f"checkpoint 'delta_of' must be an integer version, got {type(delta_of).__name__}")
-        with self.lock:
-            self._check_open()
-            if self.checkpoint_version != delta_of:
-                raise FailedPrecondition(
-                    f"checkpoint is a delta against version {delta_of} but this session holds "
-                    f"{'no checkpoint' if self.checkpoint_version is None else f'version {self.checkpoint_version}'}; "
-                    "push a full checkpoint")
-            merged = dict(self.model.state_dict())
-            unknown = sorted(set(ckpt["state_dict"]) - set(merged))
-            if unknown:
-                raise InvalidArgument(f"checkpoint delta for {self.model_name} has unexpected keys {unknown[:5]}")
-            merged.update(ckpt["state_dict"])
-            load_state(self.model, merged, model_name=self.model_name)
-            self.model.eval()
-            self.checkpoint_version = int(version)
+        self.load_state_dict(ckpt["state_dict"], version, delta_of=delta_of)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], version: int, *, delta_of: int | None = None) -> None:
+        """Load weights as checkpoint `version`. With `delta_of`, `state` holds only the tensors
+        that changed since version `delta_of`, which must be the one loaded."""
         with self.lock:
             self._check_open()
+            if delta_of is not None:
+                if self.checkpoint_version != delta_of:
+                    held = "no checkpoint" if self.checkpoint_version is None else f"version {self.checkpoint_version}"
+                    raise FailedPrecondition(f"checkpoint is a delta against version {delta_of} but this session "
+                                             f"holds {held}; push a full checkpoint")
+                merged = dict(self.model.state_dict())
+                unknown = sorted(set(state) - set(merged))
+                if unknown:
+                    raise InvalidArgument(f"checkpoint delta for {self.model_name} has unexpected keys {unknown[:5]}")
+                state = {**merged, **state}
             load_state(self.model, state, model_name=self.model_name)
             self.model.eval()
             self.checkpoint_version = int(version)

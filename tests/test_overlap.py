@@ -16,6 +16,7 @@ from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
 from dataselect.plugins.base import Progress
 from dataselect.server import serve
+from pools import random_pool
 
 KWARGS = dict(num_classes=10, in_channels=1, image_size=8)
 
@@ -169,9 +170,7 @@ def test_bad_checkpoint_dtype_is_refused_before_any_work():
 
 # -- lean checkpoint pushes ---------------------------------------------------------------
 def _pool(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.arange(n), torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g),
-            torch.randint(0, 10, (n,), generator=g))
+    return random_pool(n, seed, size=8)
 
 
 def _scores(scorer, model=None):

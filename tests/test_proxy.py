@@ -31,17 +31,14 @@ from dataselect.proxy import (
 from dataselect.scoring import PoolChunk, ScoringSession
 from dataselect.server import serve
 from dataselect.testing import check_strategy
+from pools import random_pool
 
 KWARGS = dict(num_classes=10, in_channels=1, image_size=28, mean=(0.1307,), std=(0.3081,))
 SLIMMABLE = ("cnn-small", "cnn-deep", "mlp")
 
 
 def _pool(n: int, seed: int = 1, start_id: int = 100):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.arange(start_id, start_id + n, dtype=torch.int64)
-    inputs = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (n,), dtype=torch.int64, generator=g)
-    return ids, inputs, labels
+    return random_pool(n, seed, start_id=start_id)
 
 
 def _trained_looking(name: str, seed: int = 0):

@@ -18,6 +18,7 @@ from dataselect.client.remote import RemoteScorer, ServerUnavailable
 from dataselect.client.scorer import EmbeddedScorer, SessionSpec
 from dataselect.models import build_model
 from dataselect.plugins.base import Progress
+from pools import random_pool
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_server_cli import STOP_TIMEOUT, ServerProcess  # noqa: E402
@@ -46,9 +47,7 @@ def servers():
 
 
 def pool(n=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.arange(n), torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g),
-            torch.randint(0, 10, (n,), generator=g))
+    return random_pool(n, seed, size=8)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from dataselect.plugins.base import Progress
 from dataselect.server import AddressInUse, serve
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
+from pools import random_pool
 
 KWARGS = dict(num_classes=10, in_channels=1, image_size=28, mean=(0.1307,), std=(0.3081,))
 MODEL = "mlp"
@@ -52,11 +53,7 @@ def model():
 
 
 def make_pool(n: int, seed: int = 1, start_id: int = 1000):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.arange(start_id, start_id + n, dtype=torch.int64)
-    inputs = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (n,), dtype=torch.int64, generator=g)
-    return ids, inputs, labels
+    return random_pool(n, seed, start_id=start_id)
 
 
 def open_session(stub, strategy="high_loss", seed=0, model_name=MODEL, kwargs=KWARGS, options="{}"):
