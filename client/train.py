@@ -629,8 +629,8 @@ def _finish_select(run: _Run, pending: _PendingSelect) -> tuple[torch.Tensor, to
     chosen = _positions_of(split, reply.selected_ids)
     run.budget_selected += pending.budget
     run.kept_selected += int(chosen.numel())
-    if chosen.numel() == 0:  # the contract says >= 1; an empty step would train on NaN
-        raise PluginError(f"strategy {cfg.strategy!r} selected no samples from a pool of {len(pending.positions)}")
+    # A variable-size selection may be empty (nothing in this pool worth training on): online mode
+    # then takes the next pool; the accumulator never steps on an empty batch.
     weights = reply.weights
     if weights is not None and weights.numel() != chosen.numel():
         raise PluginError(f"strategy {cfg.strategy!r} returned {weights.numel()} weights for "

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataselect.errors import InvalidArgument
+from dataselect.errors import Cancelled, InvalidArgument
 from dataselect.models import to_unit_float
 
 FORWARD_SIGNALS = frozenset({"logits", "probs", "loss", "features", "grad_norm_last", "boundary_margin", "logit_margin"})
@@ -411,11 +411,14 @@ def compute_signals(
     channels_last: bool = False,
     input_size: tuple[int, int] | None = None,
     features_fn: Callable | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute the wanted signals for a pool, in micro-batches; results are on the CPU.
 
     The speed options (`autocast_dtype`, `channels_last`, `input_size`,
-    `features_fn`) are described in the module docstring.
+    `features_fn`) are described in the module docstring. `cancelled` is asked
+    before every micro-batch; when it returns True the work stops with `Cancelled`
+    (a caller whose deadline passed must not keep the device busy).
     """
     wanted = frozenset(wanted)
     unknown = wanted - FORWARD_SIGNALS - GRAD_SIGNALS - PER_SAMPLE_GRAD_SIGNALS
@@ -438,6 +441,9 @@ def compute_signals(
             labels = labels.pin_memory()
     try:
         for start in range(0, inputs.shape[0], micro_batch):
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"scoring stopped after {start} of {inputs.shape[0]} samples: the caller cancelled "
+                                "or its deadline passed")
             x = inputs[start:start + micro_batch].to(device, non_blocking=non_blocking)
             y = labels[start:start + micro_batch].to(device, non_blocking=non_blocking).long()
             x = prepare_inputs(x, channels_last=channels_last, input_size=input_size)

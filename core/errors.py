@@ -28,3 +28,7 @@ class ResourceExhausted(DataselectError):
 
 class PluginError(DataselectError):
     """A plugin raised or returned something unusable; the message names the plugin (INTERNAL)."""
+
+
+class Cancelled(DataselectError):
+    """The caller gave up (its deadline passed or it cancelled): the work was stopped (CANCELLED)."""

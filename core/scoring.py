@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -30,6 +30,7 @@ from dataselect.engine import (
     synchronize,
 )
 from dataselect.errors import (
+    Cancelled,
     DataselectError,
     FailedPrecondition,
     InvalidArgument,
@@ -40,7 +41,7 @@ from dataselect.errors import (
 from dataselect.models import build_model
 from dataselect.plugins import get_selector
 from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
-from dataselect.plugins.policies import POLICIES
+from dataselect.plugins.policies import POLICIES, VARIABLE_SIZE_POLICIES
 from dataselect.proxy import SessionProxy
 
 log = logging.getLogger("dataselect.scoring")
@@ -335,8 +336,13 @@ class ScoringSession:
         progress: Progress | None = None,
         policy: str = "",
         return_scores: bool = False,
+        cancelled: Callable[[], bool] | None = None,
     ) -> SelectResult:
-        """Score a pool given as one or more chunks and select `budget` of it."""
+        """Score a pool given as one or more chunks and select `budget` of it.
+
+        `cancelled` is asked between chunks and micro-batches; once it returns True the
+        call stops with `Cancelled` instead of finishing work nobody will read.
+        """
         self.last_used = time.monotonic()
         progress = progress or Progress()
         policy = policy or self.policy
@@ -357,10 +363,13 @@ class ScoringSession:
                     x, channels_last=self.channels_last, input_size=self.scaled_size(*x.shape[-2:])))
                 agreement = proxy.agreement(self._compute_signals)
             for chunk in chunks:
+                if cancelled is not None and cancelled():
+                    raise Cancelled("Select stopped: the caller cancelled or its deadline passed")
                 ids_parts.append(chunk.ids)
                 label_parts.append(chunk.labels.long())
                 if self.signals:
-                    got = self._compute_signals(chunk.inputs, chunk.labels, model=None if proxy is None else proxy.model)
+                    got = self._compute_signals(chunk.inputs, chunk.labels, model=None if proxy is None else proxy.model,
+                                                cancelled=cancelled)
                     if proxy is not None:
                         agreement.observe(chunk.inputs, chunk.labels, got)
                     for k, v in got.items():
@@ -397,7 +406,8 @@ class ScoringSession:
             self.check_chunk(chunk)
             yield chunk
 
-    def _compute_signals(self, inputs: torch.Tensor, labels: torch.Tensor, *, model=None) -> dict[str, torch.Tensor]:
+    def _compute_signals(self, inputs: torch.Tensor, labels: torch.Tensor, *, model=None,
+                         cancelled: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
         """The engine's signals from `model` (default: the session's); out of memory halves the micro-batch and retries, down to 1."""
         if inputs.is_floating_point() and inputs.dtype != torch.float32:
             inputs = inputs.float()  # the models compute in float32
@@ -408,7 +418,8 @@ class ScoringSession:
             try:
                 return compute_signals(model, inputs, labels, self.signals, device=self.device, micro_batch=micro_batch,
                                        autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
-                                       input_size=self.scaled_size(*inputs.shape[-2:]), features_fn=features_fn)
+                                       input_size=self.scaled_size(*inputs.shape[-2:]), features_fn=features_fn,
+                                       cancelled=cancelled)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     if features_fn is None:
@@ -448,7 +459,7 @@ class ScoringSession:
                 raise
             except Exception as exc:
                 raise PluginError(f"{self.plugin_label} raised {type(exc).__name__}: {exc}") from exc
-            return self._check_selection(sel, len(pool), budget)
+            return self._check_selection(sel, len(pool), budget, policy)
         except PluginError as exc:
             reg = selectors().get(self.strategy)
             if reg is None or reg.plugin in str(exc):
@@ -466,24 +477,26 @@ class ScoringSession:
         if not bool(torch.isfinite(scores.detach().float()).all()):
             raise PluginError(f"{label}: score() returned NaN or infinite scores")
 
-    def _check_selection(self, sel: Any, n: int, budget: int) -> Selection:
+    def _check_selection(self, sel: Any, n: int, budget: int, policy: str = "") -> Selection:
         """Enforce the selection contract the strategy declares.
 
-        `exact_budget` (default True): exactly `budget` positions; False: 1..budget.
+        `exact_budget` (default True): exactly `budget` positions; False (or a
+        variable-size policy such as `threshold`): 0..budget (an empty selection
+        means nothing in this pool is worth training on).
         `with_replacement` (default False): positions are unique; True: repeats
         are allowed and weights (one per position) are required. Scores, when
         returned, are one finite value per pool sample.
         """
         label = self.plugin_label
-        exact = bool(getattr(self.selector, "exact_budget", True))
+        exact = bool(getattr(self.selector, "exact_budget", True)) and policy not in VARIABLE_SIZE_POLICIES
         repeats = bool(getattr(self.selector, "with_replacement", False))
         if not isinstance(sel, Selection):
             raise PluginError(f"{label} returned {type(sel).__name__} instead of a Selection")
         idx = torch.as_tensor(sel.indices).long().flatten()
         if exact and idx.numel() != budget:
             raise PluginError(f"{label} selected {idx.numel()} samples for a budget of {budget}")
-        if not exact and not 1 <= idx.numel() <= budget:
-            raise PluginError(f"{label} selected {idx.numel()} samples; a variable selection must hold 1 to {budget}")
+        if not exact and not 0 <= idx.numel() <= budget:
+            raise PluginError(f"{label} selected {idx.numel()} samples; a variable selection must hold 0 to {budget}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise PluginError(f"{label} returned pool positions outside [0, {n})")
         if not repeats and torch.unique(idx).numel() != idx.numel():

@@ -13,7 +13,7 @@ Every check goes through `dataselect.scoring.ScoringSession` — the code the
 server and the embedded trainer both run — with a tiny model on random
 images, so it takes seconds and needs no data set. The rules:
 
-* budget: exactly `budget` positions (or 1..budget for `exact_budget=False`);
+* budget: exactly `budget` positions (or 0..budget for `exact_budget=False`);
 * ids: every selected id comes from the pool; no repeats unless the
   strategy declares `with_replacement` (which must then return weights);
 * weights, when returned: one per selected id, finite and positive;
@@ -99,8 +99,8 @@ def _check_selection(session: ScoringSession, chunk: PoolChunk, budget: int, res
     repeats = getattr(selector, "with_replacement", False)
     if exact and chosen.numel() != budget:
         raise ConformanceError(f"{name}: selected {chosen.numel()} ids for a budget of {budget}")
-    if not exact and not 1 <= chosen.numel() <= budget:
-        raise ConformanceError(f"{name}: variable selection of {chosen.numel()} ids is outside 1..{budget}")
+    if not exact and not 0 <= chosen.numel() <= budget:
+        raise ConformanceError(f"{name}: variable selection of {chosen.numel()} ids is outside 0..{budget}")
     pool_ids = set(chunk.ids.tolist())
     stray = [i for i in chosen.tolist() if i not in pool_ids]
     if stray:

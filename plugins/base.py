@@ -114,6 +114,22 @@ class Progress:
     fraction: float = 0.0
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What the trainer knows about a run when it opens a session (see `Selector.plan`)."""
+
+    #: Total training epochs.
+    epochs: int
+    #: Training mode the run will use: online, subset or weighted.
+    mode: str
+    #: Training samples (0 = unknown).
+    dataset_size: int = 0
+    #: Samples per optimiser step.
+    batch_size: int = 0
+    #: --select-fraction: the share of each pool (online) or of the training set trained on.
+    select_fraction: float = 1.0
+
+
 @dataclass
 class Pool:
     """A scored candidate pool: ids, labels and the signals the strategy asked for."""
@@ -171,6 +187,12 @@ class Selector:
     #: False: it re-selects every `refresh` epochs (the strategy's `refresh`
     #: option when it has one, else every epoch).
     static: ClassVar[bool] = False
+    #: True: the strategy decides how many samples to keep by its own rule (InfoBatch
+    #: prunes a share of the well-learned samples; Selective Backprop keeps each sample
+    #: with a probability). The trainer then asks with the whole pool as the budget, the
+    #: selection is variable-size (0..pool), and --select-fraction only sets the size of
+    #: online candidate pools. False: the budget is the trainer's fraction of the pool.
+    self_sized: ClassVar[bool] = False
     #: Parameter-sharing proxy (DynaMS PSP, `dataselect.proxy`): an instance that
     #: sets a width ratio in (0, 1] gets its signals computed by the model's slim
     #: sub-network (that fraction of every layer's channels, sharing the weights),
@@ -215,8 +237,21 @@ class Selector:
             "exact_budget": cls.exact_budget,
             "with_replacement": cls.with_replacement,
             "static": cls.static,
+            "self_sized": cls.self_sized,
             "options": {k: v.describe() for k, v in cls.options.items()},
         }
+
+    @classmethod
+    def plan(cls, options: dict[str, Any], run: RunPlan) -> dict[str, Any]:
+        """Adapt resolved options to a run before its session opens; returns the options to use.
+
+        Called on the trainer's side with `resolve_options`' result, e.g. to scale a
+        warm-up to the run's `epochs`. The options returned are what the session is
+        opened with (on a server too), so the strategy sees the same values everywhere.
+        Raise `InvalidArgument` naming the fix when the strategy cannot work in this run;
+        `warnings.warn` what the user should know (the trainer prints it). Default: unchanged.
+        """
+        return options
 
     # -- the strategy's own logic -------------------------------------------------
     def score(self, pool: Pool) -> torch.Tensor:

@@ -8,6 +8,8 @@ from dataselect.errors import InvalidArgument
 from dataselect.plugins.base import Selection
 
 POLICIES = ("topk", "class_balanced", "sample", "threshold")
+#: Policies that keep a variable number of samples (at most the budget) whatever the strategy declares.
+VARIABLE_SIZE_POLICIES = frozenset({"threshold"})
 
 
 def topk(scores: torch.Tensor, budget: int) -> Selection:
