@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             s.select(chunk, budget)  # warm-up; for compile also the recompile for the real batch size
             if opts.get("compile"):
                 notes[label] = f"compile + first calls {time.perf_counter() - t0:.1f}s" + (
-                    "" if s.features_fn is not None else " (fell back to eager)")
+                    "" if s.scoring_model.compiled is not None else " (fell back to eager)")
             sessions[label] = s
         times = {k: [] for k in sessions}
         picks = {}

@@ -28,8 +28,8 @@ unchanged unless asked for):
 * `input_size`: inputs are resized (area interpolation of the [0, 1] floats)
   to this (height, width) before the model sees them (cheap scoring on
   downscaled inputs, as Composer's selective backprop does).
-* `features_fn`: a replacement for `model.features` in the forward pass (a
-  `torch.compile`d one).
+* a compiled forward: `ScoringModel.compiled` (set by `ScoringSession` with
+  `compile=True`) replaces the module's forward in the forward signals.
 * on CUDA the pool is pinned and copied with `non_blocking=True`;
   `auto_micro_batch` sizes micro-batches from free device memory.
 """
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataselect.errors import Cancelled, InvalidArgument
-from dataselect.models import to_unit_float
+from dataselect.models import ScoringModel, to_unit_float
 
 FORWARD_SIGNALS = frozenset({"logits", "probs", "loss", "features", "grad_norm_last", "boundary_margin", "logit_margin"})
 GRAD_SIGNALS = frozenset({"input_grad_norm"})
@@ -144,8 +144,13 @@ def prepare_inputs(x: torch.Tensor, *, channels_last: bool = False,
     return x
 
 
-def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor, *, autocast_dtype: torch.dtype | None = None,
-                                features_fn: Callable | None = None) -> int:
+def as_scoring_model(model: nn.Module | ScoringModel) -> ScoringModel:
+    """The engine works on a `ScoringModel`; a bare module is wrapped (keep the wrapper to keep what it learnt)."""
+    return model if isinstance(model, ScoringModel) else ScoringModel(model)
+
+
+def activation_bytes_per_sample(model: nn.Module | ScoringModel, x: torch.Tensor, *,
+                                autocast_dtype: torch.dtype | None = None) -> int:
     """Bytes of module outputs one sample produces in a forward pass (a trial forward of `x`).
 
     Sums every module's distinct output tensor, so it bounds what a backward
@@ -165,10 +170,11 @@ def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor, *, autocast_d
                     kept.append(t)
                     total += t.numel() * t.element_size()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    sm = as_scoring_model(model)
+    handles = [m.register_forward_hook(hook) for m in sm.module.modules() if not list(m.children())]
     try:
         with torch.inference_mode(), _autocast(x.device.type, autocast_dtype):
-            model.classifier((features_fn or model.features)(x))
+            sm.logits(x)
     finally:
         for h in handles:
             h.remove()
@@ -183,9 +189,9 @@ def pick_micro_batch(free_bytes: int, per_sample_bytes: int, *, fraction: float 
     return max(low, min(high, fit))
 
 
-def signal_bytes_per_sample(model: nn.Module, sample: torch.Tensor, wanted: Iterable[str], *,
+def signal_bytes_per_sample(model: nn.Module | ScoringModel, sample: torch.Tensor, wanted: Iterable[str], *,
                             autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                            input_size: tuple[int, int] | None = None, features_fn: Callable | None = None) -> int:
+                            input_size: tuple[int, int] | None = None) -> int:
     """Device memory one sample needs while the wanted signals are computed (a trial forward of a few samples).
 
     The trial runs where the model lives. Gradient signals count activations
@@ -193,21 +199,21 @@ def signal_bytes_per_sample(model: nn.Module, sample: torch.Tensor, wanted: Iter
     """
     wanted = frozenset(wanted)
     needs_grad = bool(wanted & (GRAD_SIGNALS | PER_SAMPLE_GRAD_SIGNALS))
-    dev = next(model.parameters()).device
+    sm = as_scoring_model(model)
+    dev = next(sm.module.parameters()).device
     x = prepare_inputs(sample[:TRIAL_SAMPLES].to(dev), channels_last=channels_last, input_size=input_size)
-    was_training = model.training
-    model.eval()
+    was_training = sm.module.training
+    sm.module.eval()
     try:
-        per = activation_bytes_per_sample(model, x, autocast_dtype=None if needs_grad else autocast_dtype,
-                                          features_fn=features_fn)
+        per = activation_bytes_per_sample(sm, x, autocast_dtype=None if needs_grad else autocast_dtype)
     finally:
-        model.train(was_training)
+        sm.module.train(was_training)
     if needs_grad:
         per *= 2
     return per + x[:1].numel() * 4  # plus the float copy of the input
 
 
-def auto_micro_batch(model: nn.Module, sample: torch.Tensor, wanted: Iterable[str], *, free_bytes: int | None,
+def auto_micro_batch(model: nn.Module | ScoringModel, sample: torch.Tensor, wanted: Iterable[str], *, free_bytes: int | None,
                      **options) -> int:
     """A micro-batch sized from `free_bytes` of device memory and a trial forward of a few pool samples.
 
@@ -219,12 +225,22 @@ def auto_micro_batch(model: nn.Module, sample: torch.Tensor, wanted: Iterable[st
     return pick_micro_batch(free_bytes, signal_bytes_per_sample(model, sample, wanted, **options))
 
 
-def _forward_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wanted: frozenset[str], *,
-                   autocast_dtype: torch.dtype | None = None, features_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+#: Forward signals that need the final linear layer (its input, or its weights).
+LAST_LAYER_SIGNALS = frozenset({"features", "grad_norm_last", "boundary_margin"})
+
+
+def _forward_block(sm: ScoringModel, x: torch.Tensor, y: torch.Tensor, wanted: frozenset[str], *,
+                   autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     # Only the model runs under autocast; everything below works on float32 logits.
+    last = wanted & LAST_LAYER_SIGNALS
     with _autocast(x.device.type, autocast_dtype):
-        h = (features_fn or model.features)(x)
-        z = model.classifier(h)
+        if last:
+            h, z = sm.features_logits(x)
+        else:
+            h, z = None, sm.logits(x)
+    if z.dim() != 2 or z.shape[0] != y.shape[0]:
+        raise InvalidArgument(f"the model returned {list(z.shape)} for a batch of {y.shape[0]}; it must return "
+                              "logits [N, num_classes]")
     out: dict[str, torch.Tensor] = {}
     zf = z.float()
     if "logits" in wanted:
@@ -240,7 +256,7 @@ def _forward_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wanted: f
         if "logit_margin" in wanted:
             out["logit_margin"] = gap.index_put((rows, y), torch.tensor(float("inf"), device=zf.device)).min(1).values
         if "boundary_margin" in wanted:
-            w = model.classifier.weight.float()
+            w = sm.final_linear().weight.float()
             dist = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")  # [C, C], exact
             # Identical class weights have no boundary between them; skip that class.
             d = gap / dist[y].clamp_min(1e-12)
@@ -254,15 +270,20 @@ def _forward_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wanted: f
         if "grad_norm_last" in wanted:
             err = p.clone()
             err[torch.arange(y.numel(), device=y.device), y] -= 1.0
-            sq = err.pow(2).sum(1) * (h.float().pow(2).sum(1) + (1.0 if model.classifier.bias is not None else 0.0))
+            sq = err.pow(2).sum(1) * (h.float().pow(2).sum(1) + (1.0 if sm.final_linear().bias is not None else 0.0))
             out["grad_norm_last"] = sq.sqrt()
     return out
 
 
-def _input_grad_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _input_grad_block(sm: ScoringModel | nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    sm = as_scoring_model(sm)
+    xf = sm.unit_inputs(x)
+    if not xf.is_floating_point():
+        raise InvalidArgument(f"input-gradient norms need floating-point inputs, and this model takes {xf.dtype}; "
+                              "use a strategy without input gradients (e.g. high_loss)")
     with torch.enable_grad():
-        xf = to_unit_float(x).detach().clone().requires_grad_(True)
-        loss = F.cross_entropy(model(xf).float(), y, reduction="sum")
+        xf = xf.detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(sm.module(xf).float(), y, reduction="sum")
         (g,) = torch.autograd.grad(loss, xf)
     return g.flatten(1).norm(dim=1)
 
@@ -283,7 +304,7 @@ def _layerwise_modules(model: nn.Module) -> list[nn.Module] | None:
     return owners
 
 
-def _per_sample_grad_norm_layerwise(model: nn.Module, owners: list[nn.Module], x: torch.Tensor,
+def _per_sample_grad_norm_layerwise(sm: ScoringModel | nn.Module, owners: list[nn.Module], x: torch.Tensor,
                                     y: torch.Tensor) -> torch.Tensor | None:
     """‖∇_θ ℓ_i‖ from one forward and one backward of Σ ℓ_i (exact per sample in eval mode).
 
@@ -294,6 +315,7 @@ def _per_sample_grad_norm_layerwise(model: nn.Module, owners: list[nn.Module], x
     gradient, whichever is smaller; BatchNorm2d (running statistics) Σ_l δ_il x̂_il.
     Returns None when a layer sees inputs it cannot handle (the caller falls back).
     """
+    sm = as_scoring_model(sm)
     saved: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(module, inputs, output):
@@ -303,8 +325,8 @@ def _per_sample_grad_norm_layerwise(model: nn.Module, owners: list[nn.Module], x
     handles = [m.register_forward_hook(keep) for m in owners]
     try:
         with torch.enable_grad():
-            xf = to_unit_float(x).detach()
-            z = model(xf)
+            xf = sm.unit_inputs(x).detach()
+            z = sm.module(xf)
             loss = F.cross_entropy(z.float(), y, reduction="sum")
             if any(m not in saved for m in owners):
                 return None  # a layer was skipped or called twice
@@ -348,19 +370,21 @@ def _per_sample_grad_norm_layerwise(model: nn.Module, owners: list[nn.Module], x
     return sq.sqrt()
 
 
-def _per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _per_sample_grad_norm(sm: ScoringModel | nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    sm = as_scoring_model(sm)
+    model = sm.module
     owners = _layerwise_modules(model)
     if owners is not None and not model.training:
         chunk = max(1, LAYERWISE_CHUNK)
         parts = []
         for i in range(0, x.shape[0], chunk):
-            got = _per_sample_grad_norm_layerwise(model, owners, x[i:i + chunk], y[i:i + chunk])
+            got = _per_sample_grad_norm_layerwise(sm, owners, x[i:i + chunk], y[i:i + chunk])
             if got is None:
                 break
             parts.append(got)
         else:
             return torch.cat(parts) if parts else torch.empty(0)
-    return _per_sample_grad_norm_vmap(model, x, y)
+    return _per_sample_grad_norm_vmap(sm, x, y)
 
 
 #: Samples per forward/backward of the closed-form per-sample gradient norms (bounds the unfolded
@@ -369,16 +393,18 @@ def _per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 LAYERWISE_CHUNK = 64
 
 
-def _per_sample_grad_norm_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _per_sample_grad_norm_vmap(sm: ScoringModel | nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    sm = as_scoring_model(sm)
     from torch.func import functional_call, grad, vmap
 
+    model = sm.module
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     n_params = sum(p.numel() for p in params.values())
-    xf = to_unit_float(x)
+    xf = sm.unit_inputs(x)
     # Per sample: its parameter gradients plus the activations vmap keeps for the
     # backward pass and their gradients (measured by a one-sample trial forward).
-    per_sample = 4 * n_params + 3 * activation_bytes_per_sample(model, xf[:1])
+    per_sample = 4 * n_params + 3 * activation_bytes_per_sample(sm, xf[:1])
     budget = PER_SAMPLE_GRAD_BYTES
     free = free_device_memory(x.device)
     if free is not None:
@@ -400,7 +426,7 @@ def _per_sample_grad_norm_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 def compute_signals(
-    model: nn.Module,
+    model: nn.Module | ScoringModel,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     wanted: Iterable[str],
@@ -410,13 +436,14 @@ def compute_signals(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     input_size: tuple[int, int] | None = None,
-    features_fn: Callable | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute the wanted signals for a pool, in micro-batches; results are on the CPU.
 
-    The speed options (`autocast_dtype`, `channels_last`, `input_size`,
-    `features_fn`) are described in the module docstring. `cancelled` is asked
+    `model` is any module returning logits, or a `ScoringModel` (keep one per
+    model: it remembers the final linear layer it found). The speed options
+    (`autocast_dtype`, `channels_last`, `input_size`) are described in the
+    module docstring. `cancelled` is asked
     before every micro-batch; when it returns True the work stops with `Cancelled`
     (a caller whose deadline passed must not keep the device busy).
     """
@@ -429,6 +456,8 @@ def compute_signals(
     if micro_batch < 1:
         raise InvalidArgument(f"micro_batch must be >= 1, got {micro_batch}")
     device = torch.device(device)
+    sm = as_scoring_model(model)
+    model = sm.module
     was_training = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in wanted}
@@ -449,13 +478,13 @@ def compute_signals(
             x = prepare_inputs(x, channels_last=channels_last, input_size=input_size)
             if wanted & FORWARD_SIGNALS:
                 with torch.inference_mode():
-                    for k, v in _forward_block(model, x, y, wanted & FORWARD_SIGNALS, autocast_dtype=autocast_dtype,
-                                               features_fn=features_fn).items():
+                    for k, v in _forward_block(sm, x, y, wanted & FORWARD_SIGNALS,
+                                               autocast_dtype=autocast_dtype).items():
                         parts[k].append(v.cpu())
             if "input_grad_norm" in wanted:
-                parts["input_grad_norm"].append(_input_grad_block(model, x, y).detach().cpu())
+                parts["input_grad_norm"].append(_input_grad_block(sm, x, y).detach().cpu())
             if "grad_norm_full" in wanted:
-                parts["grad_norm_full"].append(_per_sample_grad_norm(model, x, y).detach().cpu())
+                parts["grad_norm_full"].append(_per_sample_grad_norm(sm, x, y).detach().cpu())
     finally:
         model.train(was_training)
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
@@ -494,10 +523,6 @@ def resolve_device(spec: str) -> torch.device:
     elif dev.type != "cpu":
         raise InvalidArgument(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev
-
-
-def isfinite_inputs(x: torch.Tensor) -> bool:
-    return not x.is_floating_point() or bool(torch.isfinite(x).all())
 
 
 __all__ = ["compute_signals", "synchronize", "resolve_device", "resolve_precision", "resolve_channels_last",

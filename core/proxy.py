@@ -232,7 +232,7 @@ class SessionProxy:
         self.calibrated_version: int | None = None
         self.needs_calibration = has_batchnorm(self.model)
         self.flops_ratio: float | None = None
-        if None not in input_shape:
+        if input_shape is not None and None not in input_shape:
             sample = torch.zeros((1, *input_shape), dtype=torch.uint8, device=device)
             full_flops = forward_flops(full, sample)
             if full_flops:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
 from dataselect.checkpoint import load_state, validate
 from dataselect.engine import (
@@ -38,7 +39,7 @@ from dataselect.errors import (
     PluginError,
     ResourceExhausted,
 )
-from dataselect.models import build_model
+from dataselect.models import ScoringModel, build_model
 from dataselect.plugins import get_selector
 from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
 from dataselect.plugins.policies import POLICIES, VARIABLE_SIZE_POLICIES
@@ -87,8 +88,8 @@ class ScoringSession:
         self,
         strategy: str,
         options: dict[str, Any] | None,
-        model_name: str,
-        model_kwargs: dict[str, Any],
+        model: str | nn.Module,
+        model_kwargs: dict[str, Any] | None = None,
         *,
         num_classes: int,
         seed: int = 0,
@@ -101,8 +102,18 @@ class ScoringSession:
         channels_last: bool | str | None = "auto",
         compile: bool = False,
         input_scale: float = 1.0,
+        last_layer: str | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        model_label: str | None = None,
     ):
-        """Engine options (see `dataselect.engine`): `micro_batch` 'auto' (sized from free
+        """`model` is a registered architecture's name (built with `model_kwargs`) or an
+        `nn.Module` that the session takes as its scoring copy (the caller copies it; an
+        embedded session scores on a copy of the user's model). `last_layer` names the
+        final `nn.Linear` for last-layer signals (found by itself when None);
+        `input_shape` is one sample's shape when known (checked on every pool;
+        registered image models know theirs).
+
+        Engine options (see `dataselect.engine`): `micro_batch` 'auto' (sized from free
         CUDA memory; `DEFAULT_MICRO_BATCH` elsewhere) or a number; `precision`
         auto|fp32|bf16|fp16 for forward signals; `channels_last` auto|on|off;
         `compile` the model's forward with `torch.compile` (eager, with a warning,
@@ -147,19 +158,25 @@ class ScoringSession:
         if not 0.0 < self.input_scale <= 1.0:  # also refuses NaN
             raise InvalidArgument(f"input_scale must be in (0, 1] (1 = full size, 0.5 = half the height and width), "
                                   f"got {input_scale!r}")
-        self.model_name = model_name
-        self.model_kwargs = dict(model_kwargs)
-        self.model = self._build_model()
-        self.input_shape = self._input_shape()
-        self.features_fn = None
+        self.registered = isinstance(model, str)
+        self.model_name = model if self.registered else (model_label or type(model).__name__)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.model = self._build_model(model)
+        self.scoring_model = ScoringModel(self.model, last_layer=last_layer)
+        self.input_shape = self._input_shape() if input_shape is None else tuple(int(d) for d in input_shape)
+        self._check_model()
         self._check_input_scale()
         if compile:
             self._compile()
         self.proxy: SessionProxy | None = None
         if getattr(self.selector, "proxy_width_ratio", None) is not None:
+            if not self.registered:
+                raise InvalidArgument(f"strategy {strategy!r} scores with a parameter-sharing proxy, which needs a "
+                                      "registered model with a slim sub-network (cnn-small, cnn-deep, mlp); this "
+                                      "session's model is not one: use proxy=none")
             # DynaMS PSP: the signals come from the model's slim sub-network (dataselect.proxy).
             self.proxy = SessionProxy(
-                model_name, self.model_kwargs, self.selector.proxy_width_ratio, self.model, self.device,
+                self.model_name, self.model_kwargs, self.selector.proxy_width_ratio, self.model, self.device,
                 loss_weight=self.selector.proxy_loss_weight, agreement_sample=self.selector.proxy_agreement_sample,
                 input_shape=self.input_shape, who=f"strategy {strategy!r} (parameter-sharing proxy)")
             if self.channels_last:  # the same memory format as the model it stands in for
@@ -170,22 +187,40 @@ class ScoringSession:
         self.closed = False
         self.last_used = time.monotonic()
 
-    def _build_model(self):
-        try:
-            model = build_model(self.model_name, **self.model_kwargs)
-        except DataselectError:
-            raise
-        except Exception as exc:  # e.g. in_channels=0: the builder's own error says what is wrong
-            raise InvalidArgument(f"model {self.model_name!r} cannot be built with {self.model_kwargs}: "
-                                  f"{type(exc).__name__}: {exc}") from None
-        outputs = model.classifier.out_features  # the model protocol: a final nn.Linear named classifier
-        if outputs != self.context.num_classes:
-            raise InvalidArgument(f"num_classes {self.context.num_classes} disagrees with model {self.model_name!r}, "
-                                  f"which has {outputs} outputs; pass the same num_classes to both")
+    def _build_model(self, model: str | nn.Module) -> nn.Module:
+        if self.registered:
+            try:
+                model = build_model(self.model_name, **self.model_kwargs)
+            except DataselectError:
+                raise
+            except Exception as exc:  # e.g. in_channels=0: the builder's own error says what is wrong
+                raise InvalidArgument(f"model {self.model_name!r} cannot be built with {self.model_kwargs}: "
+                                      f"{type(exc).__name__}: {exc}") from None
+        elif not isinstance(model, nn.Module):
+            raise InvalidArgument(f"model must be a registered model's name or an nn.Module, got {type(model).__name__}")
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model.eval()
+
+    def _check_model(self) -> None:
+        """With a known input shape, one trial forward at open: logits of the right width, and finite
+        (a model argument such as std=[0] makes every score NaN; say so now, not at the first Select)."""
+        x = self._trial_input()
+        if x is None:
+            return
+        try:
+            with torch.inference_mode():
+                z = self.model(x)
+        except Exception as exc:
+            raise InvalidArgument(f"model {self.model_name!r} fails on a {list(x.shape[1:])} input: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if z.dim() != 2 or z.shape[1] != self.context.num_classes:
+            raise InvalidArgument(f"num_classes {self.context.num_classes} disagrees with model {self.model_name!r}, "
+                                  f"which returns {list(z.shape)} for {x.shape[0]} samples; pass the same num_classes to both")
+        if not bool(torch.isfinite(z).all()):
+            raise InvalidArgument(f"model {self.model_name!r} built with {self.model_kwargs} gives non-finite logits on a "
+                                  "blank input: check its arguments (e.g. every std must be > 0)")
 
     # -- engine options ------------------------------------------------------------
     def scaled_size(self, height: int, width: int) -> tuple[int, int] | None:
@@ -195,20 +230,23 @@ class ScoringSession:
         return (max(1, round(height * self.input_scale)), max(1, round(width * self.input_scale)))
 
     def _trial_input(self) -> torch.Tensor | None:
-        c, h, w = self.input_shape
-        if None in (c, h, w):
-            return None  # a plugin model that does not say what it takes: checked at the first Select
-        return torch.zeros(2, c, h, w, dtype=torch.uint8, device=self.device)
+        if self.input_shape is None or None in self.input_shape:
+            return None  # a model that does not say what it takes: checked at the first Select
+        dtype = torch.uint8 if self.scoring_model.takes_images else torch.float32
+        return torch.zeros(2, *self.input_shape, dtype=dtype, device=self.device)
 
-    def _trial_forward(self, x: torch.Tensor, features_fn=None) -> None:
+    def _trial_forward(self, x: torch.Tensor) -> None:
         x = prepare_inputs(x, channels_last=self.channels_last, input_size=self.scaled_size(*x.shape[-2:]))
         with torch.inference_mode():
-            self.model.classifier((features_fn or self.model.features)(x))
+            self.scoring_model.logits(x)
 
     def _check_input_scale(self) -> None:
         """A model with a fixed flatten size cannot take downscaled inputs: say so at open, not at the first Select."""
         if self.input_scale == 1.0:
             return
+        if self.input_shape is not None and len(self.input_shape) != 3:
+            raise InvalidArgument(f"input_scale {self.input_scale:g} downscales images [C, H, W]; this model takes "
+                                  f"{list(self.input_shape)}: use input_scale 1.0")
         x = self._trial_input()
         if x is None:
             return
@@ -224,16 +262,16 @@ class ScoringSession:
 
     def _compile(self) -> None:
         """torch.compile the model's forward for forward signals; on failure warn and stay eager."""
+        sm = self.scoring_model
         try:
-            features_fn = torch.compile(self.model.features)
+            sm.compiled = torch.compile(self.model.features if sm.protocol else self.model)
             x = self._trial_input()
             if x is not None:
-                self._trial_forward(x, features_fn)  # compiles now, so a failure shows at open
+                self._trial_forward(x)  # compiles now, so a failure shows at open
         except Exception as exc:
+            sm.compiled = None
             log.warning("torch.compile failed for model %r (%s: %s); scoring without compile",
                         self.model_name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return
-        self.features_fn = features_fn
 
     def _micro_batch_for(self, inputs: torch.Tensor, model) -> int:
         """The micro-batch for this pool: fixed, or 'auto' from free device memory (capped after an OOM)."""
@@ -247,13 +285,15 @@ class ScoringSession:
             if key not in self._bytes_per_sample:  # one trial forward per model and input shape
                 self._bytes_per_sample[key] = signal_bytes_per_sample(
                     model, inputs, self.signals, autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
-                    input_size=self.scaled_size(*inputs.shape[-2:]),
-                    features_fn=self.features_fn if model is self.model else None)
+                    input_size=self.scaled_size(*inputs.shape[-2:]))
             size = pick_micro_batch(free, self._bytes_per_sample[key])
         return size if self.micro_batch is None else min(size, self.micro_batch)
 
-    def _input_shape(self) -> tuple:
-        """(channels, height, width) the model takes, from its kwargs or its builder's defaults (None: unknown)."""
+    def _input_shape(self) -> tuple | None:
+        """(channels, height, width) a registered model takes, from its kwargs or its builder's defaults
+        (None: unknown, e.g. a module the caller built)."""
+        if not self.registered:
+            return None
         import inspect
 
         from dataselect.plugins import get_model_builder
@@ -270,7 +310,7 @@ class ScoringSession:
             return None if p is None or p.default is inspect.Parameter.empty else p.default
 
         c, size = arg("in_channels"), arg("image_size")
-        return (c, size, size)
+        return None if c is None or size is None else (c, size, size)
 
     # -- model updates -----------------------------------------------------------
     def load_checkpoint(self, ckpt: Any, version: int) -> None:
@@ -320,11 +360,13 @@ class ScoringSession:
             return
         if inputs.dim() == 0 or inputs.shape[0] != ids.shape[0]:
             raise InvalidArgument(f"ids ({ids.shape[0]}) and inputs ({list(inputs.shape)[:1]}) differ in length")
-        if inputs.dtype not in INPUT_DTYPES:
-            raise InvalidArgument(f"inputs must be uint8 images or floats in [0, 1], got {inputs.dtype}")
+        if inputs.dtype not in INPUT_DTYPES and (self.registered or inputs.dtype not in LABEL_DTYPES):
+            kinds = "uint8 images or floats in [0, 1]" if self.registered else "numbers"
+            raise InvalidArgument(f"inputs must be {kinds}, got {inputs.dtype}")
         expected = self.input_shape
-        if inputs.dim() != 4 or (None not in expected and tuple(inputs.shape[1:]) != expected):
-            raise InvalidArgument(f"inputs must have shape [N, {expected[0]}, {expected[1]}, {expected[2]}] for this model, got {list(inputs.shape)}")
+        if expected is not None and tuple(inputs.shape[1:]) != tuple(expected):
+            raise InvalidArgument(f"inputs must have shape [N, {', '.join(map(str, expected))}] for this model, "
+                                  f"got {list(inputs.shape)}")
         if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
             raise InvalidArgument("inputs contain NaN or Inf; clean the data (dataselect rejects non-finite inputs rather than scoring them)")
 
@@ -411,23 +453,23 @@ class ScoringSession:
         """The engine's signals from `model` (default: the session's); out of memory halves the micro-batch and retries, down to 1."""
         if inputs.is_floating_point() and inputs.dtype != torch.float32:
             inputs = inputs.float()  # the models compute in float32
-        model = self.model if model is None else model
+        model = self.scoring_model if model is None else model
         micro_batch = self._micro_batch_for(inputs, model)
         while True:
-            features_fn = self.features_fn if model is self.model else None
+            compiled = getattr(model, "compiled", None)
             try:
                 return compute_signals(model, inputs, labels, self.signals, device=self.device, micro_batch=micro_batch,
                                        autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
-                                       input_size=self.scaled_size(*inputs.shape[-2:]), features_fn=features_fn,
+                                       input_size=self.scaled_size(*inputs.shape[-2:]) if inputs.dim() == 4 else None,
                                        cancelled=cancelled)
             except Exception as exc:
                 if not is_out_of_memory(exc):
-                    if features_fn is None:
+                    if compiled is None or isinstance(exc, DataselectError):
                         raise
                     # A compiled forward can fail on shapes it had not seen; eager still works.
                     log.warning("compiled scoring model failed (%s: %s); scoring without compile from now on",
                                 type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                    self.features_fn = None
+                    model.compiled = None
                     continue
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()

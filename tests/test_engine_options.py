@@ -136,7 +136,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     monkeypatch.setattr(torch, "compile", broken)
     with caplog.at_level(logging.WARNING, logger="dataselect.scoring"):
         session = _session(compile=True, channels_last="off")
-    assert session.features_fn is None
+    assert session.scoring_model.compiled is None
     assert "torch.compile failed" in caplog.text and "no compiler here" in caplog.text
     assert torch.equal(_select(session).selected_ids, _select(_session(channels_last="off")).selected_ids)
 
@@ -149,10 +149,10 @@ def test_a_compiled_forward_that_fails_later_falls_back_to_eager(caplog):
         calls.append(x.shape[0])
         raise RuntimeError("guard failure on an unseen shape")
 
-    session.features_fn = flaky
+    session.scoring_model.compiled = flaky
     with caplog.at_level(logging.WARNING, logger="dataselect.scoring"):
         got = _select(session)
-    assert calls and session.features_fn is None and "scoring without compile from now on" in caplog.text
+    assert calls and session.scoring_model.compiled is None and "scoring without compile from now on" in caplog.text
     assert torch.equal(got.selected_ids, _select(_session(channels_last="off")).selected_ids)
 
 
@@ -164,12 +164,12 @@ def test_compiled_model_selects_like_eager():
     torch.manual_seed(0)
     state = build_model("mlp", **kw).state_dict()
     s.load_state_dict(state, 1)
-    if s.features_fn is None:
+    if s.scoring_model.compiled is None:
         pytest.skip("torch.compile is not usable on this machine (the session fell back to eager)")
     e = ScoringSession("high_loss", {}, "mlp", kw, num_classes=10, channels_last="off")
     e.load_state_dict(state, 1)
     got, ref = _select(s), _select(e)
-    assert s.features_fn is not None  # still compiled after scoring
+    assert s.scoring_model.compiled is not None  # still compiled after scoring
     assert _overlap(got, ref) >= 0.95 and torch.allclose(got.scores, ref.scores, atol=1e-4)
 
 
