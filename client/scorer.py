@@ -8,7 +8,7 @@ through the same code.
 
 from __future__ import annotations
 
-import time
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,12 @@ from dataselect.scoring import PoolChunk, ScoringSession
 
 @dataclass
 class SessionSpec:
-    """Everything needed to open a scoring session."""
+    """Everything needed to open a scoring session.
+
+    The model is a registered architecture (`model_name` + `model_kwargs`, what a
+    server can build) or, in-process, `model`: a module the embedded session
+    scores on a copy of (`model_name` is then only its label).
+    """
 
     strategy: str
     options: dict[str, Any]
@@ -34,6 +39,12 @@ class SessionSpec:
     policy: str = ""
     #: Score on inputs downscaled by this factor in (0, 1] (1.0 = full size).
     input_scale: float = 1.0
+    #: In-process only: the module to score with (copied by the embedded session); None = build `model_name`.
+    model: Any = field(default=None, repr=False, compare=False)
+    #: The final nn.Linear's name for last-layer signals (None: found by a trial forward).
+    last_layer: str | None = None
+    #: One sample's shape when known (registered image models know theirs).
+    input_shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -103,11 +114,13 @@ class EmbeddedScorer:
 
     def __init__(self, spec: SessionSpec, *, device: torch.device | str = "cpu", micro_batch: int | str = 1024,
                  precision: str = "auto", channels_last: bool | str | None = "auto", compile: bool = False):
+        model = spec.model_name if spec.model is None else copy.deepcopy(unwrap_model(spec.model))
         self.session = ScoringSession(
-            spec.strategy, spec.options, spec.model_name, spec.model_kwargs,
+            spec.strategy, spec.options, model, spec.model_kwargs,
             num_classes=spec.num_classes, seed=spec.seed, dataset=spec.dataset,
             dataset_size=spec.dataset_size, policy=spec.policy, device=device, micro_batch=micro_batch,
             precision=precision, channels_last=channels_last, compile=compile, input_scale=spec.input_scale,
+            last_layer=spec.last_layer, input_shape=spec.input_shape, model_label=spec.model_name,
         )
         cls = type(self.session.selector)
         self.info = SessionInfo(
@@ -129,8 +142,12 @@ class EmbeddedScorer:
         self.counters.checkpoint_pushes += 1
 
     def select(self, ids, inputs, labels, budget, progress, *, return_scores=False) -> ScoreReply:
-        res = self.session.select([PoolChunk(ids=ids, labels=labels, inputs=inputs)], budget,
-                                  progress=progress, return_scores=return_scores)
+        return self.select_chunks([PoolChunk(ids=ids, labels=labels, inputs=inputs)], budget, progress,
+                                  return_scores=return_scores)
+
+    def select_chunks(self, chunks, budget, progress, *, return_scores=False) -> ScoreReply:
+        """Score a pool that arrives in pieces (`PoolChunk`s, e.g. a data set streamed from disk)."""
+        res = self.session.select(chunks, budget, progress=progress, return_scores=return_scores)
         return ScoreReply(res.selected_ids, res.weights, res.scores, res.checkpoint_version,
                           res.compute_seconds, res.samples_scored, diagnostics=res.diagnostics)
 
@@ -142,5 +159,15 @@ class EmbeddedScorer:
             self.session.close()
 
 
-def now() -> float:
-    return time.perf_counter()
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module itself, out of a DistributedDataParallel (`.module`) or torch.compile (`._orig_mod`) wrapper."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+                getattr(model, "module", None), nn.Module):
+            model = model.module
+            continue
+        return model

@@ -247,6 +247,8 @@ def build_model(name: str, **kwargs) -> nn.Module:
         raise InvalidArgument(f"model {name!r}: the builder returned {type(model).__name__}, not an nn.Module")
     if "mean" in kwargs and "std" in kwargs and "mean" not in given and "std" not in given:
         model = Normalized(model, kwargs["mean"], kwargs["std"])
+    # What a scoring server needs to build the same model (dataselect.Session sends it).
+    model.dataselect_model = (name, dict(kwargs))
     return model
 
 

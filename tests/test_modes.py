@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dataselect
-from dataselect.client import train as train_mod
+from dataselect.client import session as session_mod
 from dataselect.client.train import TrainConfig, train
 from dataselect.plugins import register_plugin, unregister_plugin
 from dataselect.plugins.base import Option, Pool, Selection, Selector
@@ -137,13 +137,13 @@ def test_warmup_trains_full_data_and_reports_before_selecting(recorder, tmp_path
 
 def test_weighted_trains_every_draw_with_its_weight(recorder, monkeypatch):
     seen_weights = []
-    real = train_mod.weighted_loss
+    real = session_mod.weighted_loss
 
     def spy(per_sample, weights):
         seen_weights.append(None if weights is None else weights.clone())
         return real(per_sample, weights)
 
-    monkeypatch.setattr(train_mod, "weighted_loss", spy)
+    monkeypatch.setattr(session_mod, "weighted_loss", spy)
     s = train(_config(strategy="test_recorder", mode="weighted", options={"kind": "replace"}, epochs=2))
     selects, reports = _of(recorder, "select"), _of(recorder, "report")
     assert [e[1] for e in selects] == [0, 1]  # a fresh draw every epoch

@@ -272,19 +272,19 @@ def test_bad_eval_settings_are_refused():
 
 
 def test_overlap_asks_for_enough_pools_to_fill_a_batch():
-    from types import SimpleNamespace
+    from dataselect.client.session import MAX_POOLS_AHEAD, Session
 
-    from dataselect.client.train import MAX_POOLS_AHEAD, _pools_per_batch
+    def pools(budget, kept):
+        s = Session("high_loss", torch.nn.Linear(2, 2))
+        s.budget_selected, s.kept_selected = budget, kept
+        return s.pools_per_batch()
 
-    def run(budget, kept):
-        return SimpleNamespace(budget_selected=budget, kept_selected=kept)
-
-    assert _pools_per_batch(run(0, 0)) == 1  # nothing known yet
-    assert _pools_per_batch(run(640, 640)) == 1  # exact budget: one pool per batch
-    assert _pools_per_batch(run(31 * 64 + 16, 31 * 64 + 16)) == 1  # a short last pool changes nothing
-    assert _pools_per_batch(run(640, 320)) == 2  # Selective Backprop keeping half
-    assert _pools_per_batch(run(640, 300)) == 3
-    assert _pools_per_batch(run(640, 10)) == MAX_POOLS_AHEAD
+    assert pools(0, 0) == 1  # nothing known yet
+    assert pools(640, 640) == 1  # exact budget: one pool per batch
+    assert pools(31 * 64 + 16, 31 * 64 + 16) == 1  # a short last pool changes nothing
+    assert pools(640, 320) == 2  # Selective Backprop keeping half
+    assert pools(640, 300) == 3
+    assert pools(640, 10) == MAX_POOLS_AHEAD
 
 
 def test_variable_size_selections_overlap_with_bounded_staleness():
