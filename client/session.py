@@ -367,7 +367,10 @@ class Session:
         if isinstance(last, nn.Linear):
             return int(last.out_features)
         if example is None:
-            raise InvalidArgument("the session cannot tell how many classes the model predicts: pass num_classes=")
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise InvalidArgument("the session cannot tell how many classes the model predicts: pass num_classes=")
+            return int(linears[-1].out_features)  # the last layer registered: right for Sequential and most nets
         was_training = module.training
         module.eval()
         try:

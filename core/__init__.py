@@ -1,15 +1,63 @@
 """dataselect: train on the samples that matter.
 
-The `dataselect` package itself holds the pieces both sides share (tensor
-codec, model registry, checkpoints, signals engine, scoring session);
-`dataselect.server` is the scoring service, `dataselect.client` the trainer,
-`dataselect.plugins` the plugin system and the built-in strategies.
+The package root is the Python API (see the README, "Use from Python"):
 
-A plugin writes `@dataselect.hookimpl` on its hook implementations.
+    import dataselect
+
+    session = dataselect.Session("high_loss", model, epochs=3)     # server="host:50051" to score remotely
+    for epoch in range(3):
+        for x, y in session.loader(train_set, batch_size=64):
+            loss = session.loss(model(x), y)
+            ...
+
+* `Session`, `Batch`, `Chosen`, `EngineOptions`, `RemoteOptions`: selection in your own loop.
+* `Selector`, `Option`, `Pool`, `Selection`, `Progress`, `RunPlan`, `hookimpl`: what a strategy
+  plugin needs (`@dataselect.hookimpl def register_selectors(register): ...`).
+* `build_model`, `list_models`: the model registry.
+
+Names are imported when first used, so `import dataselect` stays cheap (no torch
+until something needs it). `dataselect.server` is the scoring service,
+`dataselect.client` the transports and the trainer, `dataselect.plugins` the
+plugin system and the built-in strategies.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from dataselect.plugins.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["hookimpl", "__version__"]
+_EXPORTS = {
+    "Session": "dataselect.client.session",
+    "Batch": "dataselect.client.session",
+    "Chosen": "dataselect.client.session",
+    "EngineOptions": "dataselect.client.session",
+    "RemoteOptions": "dataselect.client.session",
+    "SelectionLoader": "dataselect.client.loader",
+    "Selector": "dataselect.plugins.base",
+    "Option": "dataselect.plugins.base",
+    "Pool": "dataselect.plugins.base",
+    "Selection": "dataselect.plugins.base",
+    "Progress": "dataselect.plugins.base",
+    "RunPlan": "dataselect.plugins.base",
+    "build_model": "dataselect.models",
+    "list_models": "dataselect.models",
+}
+
+__all__ = ["hookimpl", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dataselect' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
