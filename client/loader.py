@@ -288,21 +288,33 @@ class SelectionLoader:
         return self.data.ids[positions] if isinstance(self.data, TensorData) else positions
 
     # -- one epoch ---------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
+    def begin_epoch(self) -> str:
+        """Start the next epoch: open the session if need be; returns its kind (full, online, subset, weighted)."""
         s = self.session
         if s.scoring and not s.is_open:
             s.open(dataset_size=len(self.data), batch_size=self.global_batch, example=self.data.example())
         self.epoch += 1
-        kind = self._kind(self.epoch)
-        self.epoch_kind = kind
+        kind = self.epoch_kind = self._kind(self.epoch)
         if kind == "full":
             s.costs.full_data_epochs += 1
-            return self._minibatches(torch.arange(len(self.data)), None)
+        return kind
+
+    def epoch_selection(self, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The samples a full, subset or weighted epoch trains on (selecting the whole set when due)."""
+        if kind == "full":
+            return torch.arange(len(self.data)), None
+        since_warmup = self.epoch - 1 - self._whole_warmup_epochs()
+        due = kind == "weighted" or self.selection is None or (
+            not self.session.static and since_warmup % self.session.refresh == 0)
+        if due:
+            self._select_whole_set()
+        return self.selection.positions, self.selection.weights
+
+    def __iter__(self) -> Iterator[Batch]:
+        kind = self.begin_epoch()
         if kind == "online":
             return self._online_epoch()
-        if kind == "subset":
-            return self._subset_epoch()
-        return self._weighted_epoch()
+        return self._minibatches(*self.epoch_selection(kind))
 
     def _emit(self, positions, x, y, ids, weights, within: float) -> Iterator[Batch]:
         """Yield one step's batch (this rank's share under torchrun); count it once the loop comes back."""
@@ -327,26 +339,31 @@ class SelectionLoader:
             s.costs.train_seconds += time.perf_counter() - self._batch_started
         self._batch_started = None
         s.current = None
-        s.flush_report()
-        s.record(ids)
-        s.costs.samples_trained += int(y.numel())
-        s.steps += 1
-        s.costs.steps = s.steps
+        s.finish_batch(batch)
 
-    def _minibatches(self, positions: torch.Tensor, weights: torch.Tensor | None) -> Iterator[Batch]:
-        """Shuffle `positions` (weights follow) and yield them in batches of the global batch size."""
+    def minibatch_parts(self, positions: torch.Tensor, weights: torch.Tensor | None):
+        """Shuffle `positions` (weights follow) and cut them into batches of the global batch size."""
         bs = self.global_batch
         order = torch.randperm(len(positions), generator=self.shuffle)
         positions = positions[order]
         weights = None if weights is None else weights[order]
         n_steps = math.ceil(len(positions) / bs)
         parts = [positions[i * bs:(i + 1) * bs] for i in range(n_steps)]
+        return parts, (None if weights is None else [weights[i * bs:(i + 1) * bs] for i in range(n_steps)])
+
+    def _minibatches(self, positions: torch.Tensor, weights: torch.Tensor | None) -> Iterator[Batch]:
+        """Shuffle `positions` (weights follow) and yield them in batches of the global batch size."""
+        parts, weight_parts = self.minibatch_parts(positions, weights)
         t0 = time.perf_counter()
         for i, (pos, x, y, ids) in enumerate(self.data.batches(parts, generator=self.augment_generator)):
             self.session.costs.data_seconds += time.perf_counter() - t0
-            w = None if weights is None else weights[i * bs:(i + 1) * bs]
-            yield from self._emit(pos, x, y, ids, w, i / n_steps)
+            yield from self._emit(pos, x, y, ids, None if weight_parts is None else weight_parts[i], i / len(parts))
             t0 = time.perf_counter()
+
+    def pool_parts(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """An online epoch's candidate pools: `order` cut into pieces of `pool_size`."""
+        size = self.pool_size
+        return [order[i:i + size] for i in range(0, len(order), size)]
 
     def _online_epoch(self) -> Iterator[Batch]:
         s = self.session
@@ -360,8 +377,8 @@ class SelectionLoader:
             for i, (pos, x, y, ids) in enumerate(self.data.batches(parts, generator=self.augment_generator)):
                 yield from self._emit(pos, x, y, ids, None, i * bs / n)
             order = order[head:]
-        n_pools = math.ceil(len(order) / pool_size)
-        pools = [order[i * pool_size:(i + 1) * pool_size] for i in range(n_pools)]
+        pools = self.pool_parts(order)
+        n_pools = len(pools)
         source = self.data.batches(pools, inputs=s.needs_inputs, generator=self.augment_generator)
         buffer = _Accumulator()
         overlap = s.pipeline is not None
@@ -387,12 +404,10 @@ class SelectionLoader:
                 buffer.add(pos[rows], None if x is None else x[rows], y[rows], ids[rows], chosen.weights)
                 while buffer.size >= bs:
                     yield from self._emit(*buffer.take(bs), (i + 1) / n_pools)
-                    if s.needs_inputs and s.steps % s.sync_every == 0:
-                        s.push()
+                    s.push_if_due()
             if buffer.size:
                 yield from self._emit(*buffer.take(buffer.size), 1.0)
-                if s.needs_inputs and s.steps % s.sync_every == 0:
-                    s.push()
+                s.push_if_due()
         finally:
             s.cancel(p for _, p in pending)  # a stopped epoch: the selections asked for ahead are not needed
 
@@ -415,15 +430,6 @@ class SelectionLoader:
         self.selection = _Selection(positions, chosen.weights)
         self.last_selection_size = int(positions.numel())
 
-    def _subset_epoch(self) -> Iterator[Batch]:
-        since_warmup = self.epoch - 1 - self._whole_warmup_epochs()
-        if self.selection is None or (not self.session.static and since_warmup % self.session.refresh == 0):
-            self._select_whole_set()
-        return self._minibatches(self.selection.positions, self.selection.weights)
-
-    def _weighted_epoch(self) -> Iterator[Batch]:
-        self._select_whole_set()
-        return self._minibatches(self.selection.positions, self.selection.weights)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -444,3 +450,71 @@ class SelectionLoader:
         self.last_selection_size = int(state.get("last_selection_size", 0))
 
 
+
+
+class WithIds(torch.utils.data.Dataset):
+    """Items of a data set as `(input, target, index)`: a DataLoader over it gives every batch its ids."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return item[0], item[1], i
+
+
+class SelectionSampler(torch.utils.data.Sampler):
+    """Index batches for one epoch of the session's mode, for a DataLoader of your own (or a framework's):
+
+        sampler = session.batch_sampler(train_set, batch_size=64)
+        loader = DataLoader(dataselect.WithIds(train_set), batch_sampler=sampler, num_workers=4)
+        for x, y, ids in loader:
+            x, y = session.take(x, y, ids)   # online: the chosen rows of the candidate pool
+            loss = session.loss(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            session.step()
+
+    In online mode each index batch is a candidate pool and `Session.take` selects from it
+    with the current model (a variable-size strategy then trains a variable-size batch);
+    in subset and weighted modes the selection happens when the epoch begins and `take`
+    attaches the weights. Under torchrun use `Session.loader`, which shares pools over ranks.
+    """
+
+    def __init__(self, session: Session, dataset: Any, *, batch_size: int = 64, **loader_kwargs):
+        self.loader = SelectionLoader(session, dataset, batch_size=batch_size, estimate_train_time=False,
+                                      **loader_kwargs)
+        #: Where the epoch is: (kind, index of the batch, batches in the epoch, weights of the batch).
+        self.position: tuple[str, int, int, torch.Tensor | None] = ("full", 0, 1, None)
+        session.sampler = self
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        loader = self.loader
+        if loader.session.dist is not None:
+            raise InvalidArgument("under torchrun use Session.loader (it shares each pool over the ranks), "
+                                  "not a batch sampler")
+        kind = loader.begin_epoch()
+        if kind == "online":
+            order = torch.randperm(len(loader.data), generator=loader.shuffle)
+            warm = loader.session.warmup_epochs - loader._whole_warmup_epochs()
+            if warm > 0 and loader.epoch - 1 == loader._whole_warmup_epochs():
+                head = min(len(order), round(warm * len(order)))
+                parts = [order[i:min(head, i + loader.global_batch)] for i in range(0, head, loader.global_batch)]
+                for i, part in enumerate(parts):
+                    self.position = ("full", i * loader.global_batch, len(order), None)
+                    yield part.tolist()
+                order = order[head:]
+            pools = loader.pool_parts(order)
+            for i, pool in enumerate(pools):
+                self.position = ("online", i, len(pools), None)
+                yield pool.tolist()
+            return
+        parts, weight_parts = loader.minibatch_parts(*loader.epoch_selection(kind))
+        for i, part in enumerate(parts):
+            self.position = (kind, i, len(parts), None if weight_parts is None else weight_parts[i])
+            yield part.tolist()

@@ -114,7 +114,7 @@ class EmbeddedScorer:
 
     def __init__(self, spec: SessionSpec, *, device: torch.device | str = "cpu", micro_batch: int | str = 1024,
                  precision: str = "auto", channels_last: bool | str | None = "auto", compile: bool = False):
-        model = spec.model_name if spec.model is None else copy.deepcopy(unwrap_model(spec.model))
+        model = spec.model_name if spec.model is None else scoring_copy(unwrap_model(spec.model))
         self.session = ScoringSession(
             spec.strategy, spec.options, model, spec.model_kwargs,
             num_classes=spec.num_classes, seed=spec.seed, dataset=spec.dataset,
@@ -157,6 +157,24 @@ class EmbeddedScorer:
     def close(self) -> None:
         if self.session.model is not None:
             self.session.close()
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def scoring_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree (parameters, buffers, submodules, hooks) to score with.
+
+    Other attributes a module holds (a LightningModule's trainer, a callback, a
+    logger) are shared with the original, not copied: scoring only runs forward
+    passes, and such objects may not be copyable at all.
+    """
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for key, value in vars(m).items():
+            if key not in _MODULE_INTERNALS and not isinstance(value, (torch.Tensor, nn.Module)):
+                memo[id(value)] = value
+    return copy.deepcopy(model, memo)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -261,6 +261,8 @@ class Session:
         #: Counters of the scorer from before a resume (checkpoint bytes, pushes, reconnects, resumes).
         self.counter_offset: dict[str, int] = {}
         self._deferred_report: tuple | None = None
+        #: The batch sampler `take` follows, if one was made.
+        self.sampler = None
         self._dataset_size = 0
         self._batch_size = 0
         self._closed = False
@@ -444,8 +446,25 @@ class Session:
             self.costs.transfer_seconds += elapsed
 
     def step(self) -> None:
-        """Count one optimiser step; the model is pushed every `sync_every` steps (online mode)."""
+        """Count one optimiser step of your own loop (after `optimizer.step()`): the batch `loss` weighted
+        is recorded and its report sent, and the model is pushed every `sync_every` steps.
+        (`session.loader` does this by itself; call it with `select`/`take` in a loop of your own.)"""
+        batch = self.current
+        self.current = None
+        self.finish_batch(batch)
+        self.push_if_due()
+
+    def finish_batch(self, batch: Batch | None) -> None:
+        """A batch was trained on: send its deferred report, record its ids, count the step."""
+        self.flush_report()
+        if batch is not None:
+            self.record(batch.ids)
+            self.costs.samples_trained += int(batch.targets.shape[0])
         self.steps += 1
+        self.costs.steps = self.steps
+
+    def push_if_due(self) -> None:
+        """Online selection: push the model every `sync_every` steps."""
         if self.needs_inputs and self.steps % self.sync_every == 0:
             self.push()
 
@@ -650,6 +669,35 @@ class Session:
         from dataselect.client.loader import SelectionLoader
 
         return SelectionLoader(self, dataset, batch_size=batch_size, **kwargs)
+
+    def batch_sampler(self, dataset: Any, batch_size: int = 64, **kwargs) -> "SelectionSampler":
+        """Index batches for a DataLoader of your own over `dataselect.WithIds(dataset)`; see `SelectionSampler`."""
+        from dataselect.client.loader import SelectionSampler
+
+        return SelectionSampler(self, dataset, batch_size=batch_size, **kwargs)
+
+    def take(self, inputs: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor) -> Batch:
+        """The samples to train on from a batch of `batch_sampler`'s DataLoader: in online mode the rows the
+        strategy chose from the candidate pool (scored now, with the current model), otherwise the batch
+        itself with its selection weights. Returns a `Batch` (unpacks as inputs, targets) that `loss` weights."""
+        sampler = self.sampler
+        if sampler is None:
+            raise InvalidArgument("take() goes with session.batch_sampler(...); with session.loader(...) the batches "
+                                  "are already chosen")
+        kind, i, n, weights = sampler.position
+        epoch = sampler.loader.epoch
+        ids = torch.as_tensor(ids).long().cpu()
+        if kind == "online":
+            send = inputs if self.needs_inputs else None
+            chosen = self.wait(self.request(ids, send, targets.cpu(), self.budget_for(len(ids)),
+                                            self.progress(epoch, i / n)))
+            rows = chosen.rows.to(targets.device)
+            inputs, targets, ids, weights = inputs[rows], targets[rows], ids[chosen.rows], chosen.weights
+            within = (i + 1) / n
+        else:
+            within = i / n
+        self.current = Batch(inputs, targets, ids, weights, self.progress(epoch, within))
+        return self.current
 
     # -- state -------------------------------------------------------------------------------
     def drain(self) -> None:

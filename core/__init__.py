@@ -37,6 +37,8 @@ _EXPORTS = {
     "EngineOptions": "dataselect.client.session",
     "RemoteOptions": "dataselect.client.session",
     "SelectionLoader": "dataselect.client.loader",
+    "SelectionSampler": "dataselect.client.loader",
+    "WithIds": "dataselect.client.loader",
     "Selector": "dataselect.plugins.base",
     "Option": "dataselect.plugins.base",
     "Pool": "dataselect.plugins.base",

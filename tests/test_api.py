@@ -175,3 +175,24 @@ def test_the_same_loop_scores_on_a_server_with_the_same_selections(server, strat
         accuracy[where] = _accuracy(model, data.test.inputs, data.test.labels)
     assert digests[None] == digests[server.address]
     assert accuracy[None] == accuracy[server.address] > 0.5
+
+
+@pytest.mark.parametrize("strategy", ["high_loss", "dynams", "infobatch"])
+def test_a_batch_sampler_in_a_dataloader_of_your_own_selects_what_the_loader_does(strategy):
+    x, y = _data(n=300)
+    _, via_loader, _ = _loop(strategy, torch.utils.data.TensorDataset(x, y), epochs=2)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = _MapStyle(x, y)
+    with dataselect.Session(strategy, model, epochs=2) as session:
+        loader = torch.utils.data.DataLoader(dataselect.WithIds(data), batch_sampler=session.batch_sampler(data, 32))
+        for _ in range(2):
+            for xb, yb, ids in loader:
+                xb, yb = session.take(xb, yb, ids)
+                loss = session.loss(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                session.step()
+    assert session.digest.hexdigest() == via_loader.digest.hexdigest()
+    assert session.costs.samples_trained == via_loader.costs.samples_trained
