@@ -57,7 +57,8 @@ module path, `import`, `eval` or `sympify`:
   identifiers listed by the dispatcher for the `aten` namespace, and the
   operator is tagged `core` (the stable core ATen opset that `torch.export`
   lowers to: pure tensor maths, no file or network access) or is one of a
-  few shape helpers (`_assert_scalar`); operators with a mutable schema, and
+  few checks export inserts (`_assert_scalar`, `_assert_tensor_metadata`,
+  `sym_constrain_range*`); operators with a mutable schema, and
   those returning uninitialised memory (`empty`, `empty_strided`) or drawing
   random numbers, are refused.
 * Symbolic-size arithmetic (`_operator.add`, `mul`, `floordiv`, comparisons,
@@ -76,9 +77,12 @@ What is never executed
 No Python code, pickle opcodes beyond `weights_only`'s allowlist, sympy
 expressions, guard strings or generated source. The graph runs in a small
 interpreter of ours: for each node it calls the allowlisted operator with the
-values the node names; archive names are only ever dictionary keys, and
-state-dict keys only become `nn.Module` attribute names after checking that
-they are dotted identifiers that do not clash with existing attributes.
+values the node names; archive names are only ever dictionary keys.
+State-dict keys become submodule and tensor names (entries of `nn.Module`'s
+registries, as `add_module` and `register_parameter` make them) after
+checking that they are dot-separated names without control characters that
+do not clash with an existing attribute (so "forward" or "__class__" is
+refused, not overwritten).
 
 Before the model is returned, the graph is run once on meta tensors (shapes
 only, no data, no memory): this type-checks every call, checks that the
@@ -133,7 +137,9 @@ TENSOR_DTYPES = frozenset({
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
 })
 
-_KEY = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")
+#: A state-dict key: dot-separated module and tensor names (any characters but dots and controls, as
+#: `nn.Module.add_module` allows: torchvision's RegNet has "block1-0"). Names are only dict keys.
+_KEY = re.compile(r"[^.\x00-\x1f\x7f]+(\.[^.\x00-\x1f\x7f]+)*\Z")
 _ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z][A-Za-z0-9_]*|_[A-Za-z0-9][A-Za-z0-9_]*)\.([A-Za-z][A-Za-z0-9_]*)\Z")
 _WRAPPED = "model"
 
@@ -143,8 +149,9 @@ _DENIED_ATEN = frozenset({
     "empty.memory_format", "empty_strided.default", "rand.default", "randn.default",
     "randperm.default", "native_dropout.default",
 })
-#: Operators outside the core opset that exported shape checks use.
-_EXTRA_ATEN = frozenset({"_assert_scalar.default", "sym_constrain_range_for_size.default"})
+#: Operators outside the core opset that export inserts as checks (of a size, a dtype): they compute nothing.
+_EXTRA_ATEN = frozenset({"_assert_scalar.default", "_assert_tensor_metadata.default",
+                         "sym_constrain_range.default", "sym_constrain_range_for_size.default"})
 
 
 # -- archive ------------------------------------------------------------------------------------
@@ -587,7 +594,15 @@ def _compile_node(node: Any, index: int) -> _Step:
     if len(schema.returns) > 1 and len(outputs) != len(schema.returns):
         raise InvalidArgument(f"program: {what} names {len(outputs)} outputs; the operator returns "
                               f"{len(schema.returns)}")
-    return _Step(op, f"aten.{target.split('.', 3)[3]}", args, kwargs, _output_binding(outputs, what, single))
+    fn: Callable = op
+    if op is torch.ops.aten._assert_tensor_metadata.default:
+        # It checks the exporting dtype and device; the server picks its own device and precision.
+        fn = _skip
+    return _Step(fn, f"aten.{target.split('.', 3)[3]}", args, kwargs, _output_binding(outputs, what, single))
+
+
+def _skip(*_args: Any, **_kwargs: Any) -> None:
+    return None
 
 
 @dataclass
@@ -847,6 +862,14 @@ class ExportedModel(nn.Module):
         if tuple(w.shape) != (self.num_classes, self.feature_dim):
             raise InvalidArgument(f"manifest: {self.last_layer}.weight is {list(w.shape)}, not "
                                   f"[num_classes, feature_dim] = [{self.num_classes}, {self.feature_dim}]")
+        layer, _ = weight
+        bias = placed.get(f"{self.last_layer}.bias")
+        if bias is None:
+            if hasattr(layer, "bias"):
+                raise InvalidArgument(f"manifest: {self.last_layer}.bias is not a tensor")
+            layer.register_parameter("bias", None)  # as nn.Linear(bias=False) has it
+        elif bias[1] not in layer._parameters or tuple(getattr(*bias).shape) != (self.num_classes,):
+            raise InvalidArgument(f"manifest: {self.last_layer}.bias must be a [num_classes] parameter")
 
     def _tie(self, alias: str, key: str, placed: dict[str, tuple[nn.Module, str]]) -> tuple[nn.Module, str]:
         """Tied tensors stay tied: the object placed at `key` is placed at `alias` too."""
@@ -883,6 +906,11 @@ class ExportedModel(nn.Module):
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InvalidArgument(f"the exported model takes inputs [N, {', '.join(map(str, self.input_shape))}], "
                                   f"got {got}")
+
+    @property
+    def final_layer(self) -> nn.Module:
+        """The module at `last_layer`: `.weight` `[C, D]` and `.bias` `[C]` (or None), like the nn.Linear it was."""
+        return self.get_submodule(self.last_layer)
 
     def features_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The final linear layer's input `[N, D]` and the logits `[N, C]`."""

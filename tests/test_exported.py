@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataselect.errors import InvalidArgument
-from dataselect.exported import ENTRIES, ExportedModel, export_model, load_exported
+from dataselect.exported import ENTRIES, SYM_FUNCTIONS, ExportedModel, aten_operator, export_model, load_exported
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ class Odd(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.b(torch.relu(self.a(x)) + self.shift)) * torch.tensor([1.5])
-        return self.out(h)
+        return self.out(h.double().float())  # dtype arguments in the graph
 
 
 class Branchy(nn.Module):
@@ -112,6 +112,7 @@ def check_round_trip(model, x, data, layer):
     sd = loaded.state_dict()
     assert torch.equal(sd[loaded.last_layer + ".weight"], layer.weight)
     assert torch.equal(sd[loaded.last_layer + ".bias"], layer.bias)
+    assert loaded.final_layer.weight is dict(loaded.named_parameters())[loaded.last_layer + ".weight"]
     return loaded
 
 
@@ -208,6 +209,51 @@ def test_tied_weights_buffers_and_constants():
     loaded.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_copies_are_independent_and_follow_dtype_casts(mlp):
+    model, _, data = mlp
+    loaded = load_exported(data)
+    twin = copy.deepcopy(loaded)
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        twin.head.weight.add_(1.0)
+        assert not torch.allclose(twin(x), loaded(x))
+        wide = copy.deepcopy(loaded).double()
+        assert wide(x.double()).dtype == torch.float64
+        assert torch.allclose(wide(x.double()).float(), loaded(x), atol=1e-5)
+    with pytest.raises(InvalidArgument, match=r"inputs \[N, 20\]"):
+        loaded(torch.randn(3, 21))
+
+
+def test_final_layer_without_bias():
+    model = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 3, bias=False))
+    x = torch.randn(2, 20)
+    loaded = check_round_trip_no_bias(model, x)
+    assert loaded.final_layer.bias is None and "2.bias" not in loaded.state_dict()
+
+
+def check_round_trip_no_bias(model, x):
+    loaded = load_exported(export_model(model, x))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+    assert loaded.last_layer == "2" and torch.equal(loaded.final_layer.weight, model[2].weight)
+    return loaded
+
+
+def test_allowlist():
+    assert aten_operator("torch.ops.aten.convolution.default") is torch.ops.aten.convolution.default
+    for target, why in [("torch.ops.aten.relu_.default", "mutates"), ("torch.ops.aten.empty_strided.default",
+                                                                       "uninitialised"),
+                        ("torch.ops.aten.linear.default", "core ATen"), ("torch.ops.aten.nope.default", "does not have"),
+                        ("torch.ops.aten.relu.nope", "does not have"), ("torch.ops.aten.relu", "not allowed")]:
+        with pytest.raises(InvalidArgument, match=why):
+            aten_operator(target)
+    assert set(SYM_FUNCTIONS) >= {"_operator.mul", "_operator.floordiv", "torch.sym_max"}
+    with pytest.raises(InvalidArgument, match="64 bits"):
+        SYM_FUNCTIONS["_operator.mul"](1 << 40, 1 << 40)
+    with pytest.raises(InvalidArgument, match="Python numbers"):
+        SYM_FUNCTIONS["_operator.add"](torch.ones(1), 1)
 
 
 def test_training_mode_is_restored_and_dropout_is_off():
