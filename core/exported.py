@@ -726,14 +726,14 @@ def parse_program(program: Any) -> _Program:
 
 
 def _run(program: _Program, env: dict[str, Any], device: torch.device,
-         check: Callable[[str, Any], None] | None = None) -> tuple[Any, Any]:
+         check: Callable[[_Step, Any], None] | None = None) -> tuple[Any, Any]:
     for step in program.steps:
         args = [_resolve(a, env, device) for a in step.args]
         kwargs = {k: _resolve(v, env, device) for k, v in step.kwargs.items()}
         value = step.fn(*args, **kwargs)
         _bind(step.outputs, value, env, step.label)
         if check is not None:
-            check(step.label, value)
+            check(step, value)
         for n in step.free:
             env.pop(n, None)
     return env[program.outputs[0]], env[program.outputs[1]]
@@ -813,6 +813,9 @@ class ExportedModel(nn.Module):
         self.feature_dim: int = manifest["feature_dim"]
         self.input_shape: tuple[int, ...] = manifest["input_shape"]
         self.input_dtype: torch.dtype = manifest["input_dtype"]
+        #: Bytes of the tensors one sample's forward creates (all of them, none freed: what a backward pass
+        #: keeps at most), measured on meta tensors at load; module hooks see nothing of the graph's work.
+        self.activation_bytes_per_sample: int = 0
         self._program = program
         entries: dict[str, _Entry] = manifest["tensors"]
         aliases: dict[str, str] = manifest["aliases"]
@@ -938,11 +941,20 @@ def _dry_run(model: ExportedModel) -> None:
         env[p] = torch.empty(t.shape, dtype=t.dtype, device=device)
     env[model._program.user_input] = torch.empty((batch, *model.input_shape), dtype=model.input_dtype, device=device)
 
-    def check(label: str, value: Any) -> None:
+    produced = 0
+
+    def check(step: _Step, value: Any) -> None:
+        nonlocal produced
+        # Views (outputs aliasing an input) take no new memory.
+        fresh = not (isinstance(step.fn, torch._ops.OpOverload)
+                     and any(r.alias_info is not None for r in step.fn._schema.returns))
         for t in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > limit:
-                raise InvalidArgument(f"program: {label} produces a {list(t.shape)} tensor, more than "
-                                      f"{MAX_ACTIVATION_BYTES_PER_SAMPLE} bytes per sample")
+            if isinstance(t, torch.Tensor):
+                size = t.numel() * t.element_size()
+                if size > limit:
+                    raise InvalidArgument(f"program: {step.label} produces a {list(t.shape)} tensor, more than "
+                                          f"{MAX_ACTIVATION_BYTES_PER_SAMPLE} bytes per sample")
+                produced += size if fresh else 0
 
     try:
         with torch.no_grad():
@@ -951,6 +963,7 @@ def _dry_run(model: ExportedModel) -> None:
         raise
     except Exception as e:
         raise InvalidArgument(f"the program does not run ({_first_line(e)})") from None
+    model.activation_bytes_per_sample = max(1, -(-produced // batch))
     want_f, want_z = (batch, model.feature_dim), (batch, model.num_classes)
     if not isinstance(features, torch.Tensor) or not isinstance(logits, torch.Tensor) \
             or tuple(features.shape) != want_f or tuple(logits.shape) != want_z:

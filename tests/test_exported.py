@@ -130,6 +130,11 @@ def test_resnet18_round_trip_and_weight_updates(resnet):
     model, x, data = resnet
     loaded = check_round_trip(model, x, data, model.fc)
     assert loaded.last_layer == "fc" and loaded.num_classes == 10 and loaded.feature_dim == 512
+    # Module hooks see none of the graph's work, so the program measures its own activations at load.
+    from dataselect.engine import activation_bytes_per_sample
+
+    eager = activation_bytes_per_sample(model.eval(), x[:1])
+    assert 0.5 * eager <= loaded.activation_bytes_per_sample <= 4 * eager
     xb = torch.randn(5, 3, 32, 32)  # another batch size than the example's
     model = copy.deepcopy(model)  # the fixture's model stays as exported
     perturb(model)
