@@ -42,8 +42,10 @@ What is parsed
   specs, guards code, node metadata) is never interpreted.
 * `state_dict.pt` and `constants.pt` are checked to be zips of stored entries
   (torch's own zip reader would also inflate deflated entries: a
-  decompression bomb) whose sizes add up to no more than the blob, then loaded
-  only with `torch.load(weights_only=True, map_location="cpu")`, which
+  decompression bomb) whose sizes add up to no more than the blob; their
+  entries are copied into a fresh zip written by us (so torch's reader never
+  parses the archive's own zip structures), which is loaded only with
+  `torch.load(weights_only=True, map_location="cpu")`, which
   unpickles nothing but tensors and plain containers. The result must be a
   plain dict of string keys to plain dense CPU tensors (no subclasses,
   parameters, sparse, quantized or nested tensors). Nothing is handed to
@@ -123,7 +125,7 @@ ENTRIES = ("manifest.json", "program.json", "state_dict.pt", "constants.pt")
 
 #: Size limits (bytes) for the archive's parts, checked before they are read.
 MAX_MANIFEST_BYTES = 16 << 20
-MAX_PROGRAM_BYTES = 256 << 20
+MAX_PROGRAM_BYTES = 64 << 20
 #: At most this many graph nodes and tensors.
 MAX_NODES = 200_000
 MAX_TENSORS = 100_000
@@ -185,8 +187,8 @@ def _stored_entries(blob: bytes, what: str, expected: tuple[str, ...] | None = N
     if total > len(blob):
         raise InvalidArgument(f"{what}: its entries claim {total} bytes in a {len(blob)}-byte archive "
                               "(overlapping or forged sizes)")
-    if expected is None:
-        return {}
+    if len(infos) > MAX_TENSORS + 16:
+        raise InvalidArgument(f"{what} has {len(infos)} entries, over the limit of {MAX_TENSORS + 16}")
     out = {}
     try:
         for i in infos:
@@ -197,10 +199,20 @@ def _stored_entries(blob: bytes, what: str, expected: tuple[str, ...] | None = N
 
 
 def _load_tensors(blob: bytes, what: str) -> dict[str, torch.Tensor]:
-    """A dict of plain dense tensors saved with torch.save, loaded with weights_only=True."""
-    _stored_entries(blob, what)
+    """A dict of plain dense tensors saved with torch.save, loaded with weights_only=True.
+
+    torch's zip reader would inflate deflated entries, so the entries are read here (stored ones only,
+    sizes checked) and written to a fresh zip of our own: torch reads that, never the archive's bytes,
+    so a zip the two readers parse differently cannot slip past the checks.
+    """
+    entries = _stored_entries(blob, what)
+    fresh = io.BytesIO()
+    with zipfile.ZipFile(fresh, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in entries.items():
+            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+    del entries
     try:
-        obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(fresh.getvalue()), map_location="cpu", weights_only=True)
     except Exception as e:
         raise InvalidArgument(f"{what} is not a dict of plain tensors loadable with weights_only=True "
                               f"({_first_line(e)})") from None

@@ -469,6 +469,7 @@ def test_damaged_oversize_and_compressed_archives_are_refused(mlp):
         "random": bytes(rng.getrandbits(8) for _ in range(4096)),
         "empty": b"",
         "not a zip of ours": pack({"a.txt": b"hi"}),
+        "deep json": pack({**unpack(data), "program.json": b"[" * 200_000 + b"]" * 200_000}),
         # 64 MiB of zeros deflate to ~64 KiB: never inflated
         "bomb": pack({**unpack(data), "state_dict.pt": bytes(64 << 20)}, zipfile.ZIP_DEFLATED),
     }
