@@ -777,9 +777,9 @@ def _parse_manifest(m: Any) -> dict[str, Any]:
     for k in ("num_classes", "feature_dim"):
         if type(m.get(k)) is not int or not 0 < m[k] < 1 << 31:
             raise InvalidArgument(f"manifest: {k} must be a positive integer")
-    dtype = getattr(torch, str(m.get("input_dtype")), None) if str(m.get("input_dtype")) in {
-        str(d).removeprefix("torch.") for d in TENSOR_DTYPES} else None
-    if dtype not in TENSOR_DTYPES:
+    name = m.get("input_dtype")
+    dtype = {str(d).removeprefix("torch."): d for d in TENSOR_DTYPES}.get(name) if isinstance(name, str) else None
+    if dtype is None:
         raise InvalidArgument("manifest: input_dtype must name a tensor dtype such as 'float32'")
     tensors = m.get("tensors")
     if not isinstance(tensors, dict) or len(tensors) > MAX_TENSORS:
@@ -794,7 +794,8 @@ def _parse_manifest(m: Any) -> dict[str, Any]:
         entries[fqn] = _Entry(e["key"], e["kind"], e["persistent"], e["requires_grad"])
     aliases = m.get("aliases", {})
     if not isinstance(aliases, dict) or not all(
-            isinstance(a, str) and _KEY.match(a) and isinstance(b, str) for a, b in aliases.items()):
+            isinstance(a, str) and len(a) <= MAX_NAME and _KEY.match(a) and isinstance(b, str)
+            for a, b in aliases.items()):
         raise InvalidArgument("manifest: aliases must map state-dict keys to state-dict keys")
     return {"last_layer": last, "input_shape": tuple(shape), "num_classes": m["num_classes"],
             "feature_dim": m["feature_dim"], "input_dtype": dtype, "tensors": entries, "aliases": aliases}
