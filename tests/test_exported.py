@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataselect.errors import InvalidArgument
-from dataselect.exported import ENTRIES, SYM_FUNCTIONS, ExportedModel, aten_operator, export_model, load_exported
+from dataselect.exported import (ENTRIES, SYM_FUNCTIONS, ExportedModel, aten_operator, export_model,
+                                 load_exported)
 
 
 # -- models -------------------------------------------------------------------------------------
