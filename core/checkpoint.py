@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,52 @@ def to_bytes(ckpt: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+#: Dtypes a checkpoint's tensors may have (no complex, quantized or other exotic kinds).
+TENSOR_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+                           torch.int16, torch.int32, torch.int64, torch.bool})
+#: Entries a checkpoint archive may hold (torch.save writes a handful plus one per storage).
+MAX_ARCHIVE_ENTRIES = 100_000
+
+
+def check_archive(data: bytes) -> None:
+    """Refuse, before anything is decompressed or allocated, an archive that would unpack to more than it is.
+
+    torch.save writes a zip of *stored* (uncompressed) entries. A crafted archive of
+    compressed entries (a few MB that inflate to GiBs), or of entries that overlap and
+    so count the same bytes many times, is refused here, so the bytes unpacked are
+    bounded by the bytes received. The legacy (pre-zip) format is refused too: it
+    allocates the sizes its pickle declares before reading any data.
+    """
+    if not data.startswith(b"PK"):
+        raise InvalidArgument("checkpoint refused: it is not a torch.save zip archive (random bytes, a bare pickle "
+                              "or the legacy pre-1.6 format); save it with torch.save and load it with "
+                              "weights_only=True")
+    try:
+        entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+        raise InvalidArgument(f"checkpoint could not be read (truncated or not a torch.save file): "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if len(entries) > MAX_ARCHIVE_ENTRIES:
+        raise InvalidArgument(f"checkpoint refused: its archive holds {len(entries)} entries "
+                              f"(at most {MAX_ARCHIVE_ENTRIES})")
+    total = 0
+    for e in entries:
+        if e.compress_type != zipfile.ZIP_STORED or e.file_size != e.compress_size:
+            raise InvalidArgument(f"checkpoint refused: archive entry {e.filename[:100]!r} is compressed "
+                                  f"({e.compress_size} bytes that unpack to {e.file_size}); torch.save writes "
+                                  "uncompressed entries, save the checkpoint with torch.save")
+        total += e.file_size
+    if total > len(data):
+        raise InvalidArgument(f"checkpoint refused: its archive entries add up to {total} bytes, more than the "
+                              f"{len(data)} bytes received (overlapping entries); save it with torch.save")
+
+
 def from_bytes(data: bytes) -> Any:
-    """Load checkpoint bytes with weights_only=True; anything unsafe or broken is an InvalidArgument."""
+    """Load checkpoint bytes with weights_only=True; anything unsafe or broken is an InvalidArgument.
+
+    The archive is checked first (`check_archive`): nothing unpacks to more bytes than were given.
+    """
+    check_archive(data)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -85,11 +130,20 @@ def validate(ckpt: Any) -> dict[str, Any]:
     state = ckpt.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InvalidArgument("checkpoint has no 'state_dict' mapping names to tensors")
+    for k, v in state.items():
+        if v.layout != torch.strided or v.is_quantized or v.is_nested or v.device.type != "cpu" \
+                or type(v) not in (torch.Tensor, nn.Parameter):
+            raise InvalidArgument(f"checkpoint tensor {k[:100]!r} is not a plain dense CPU tensor "
+                                  f"({type(v).__name__}, layout {v.layout}, device {v.device}); save the "
+                                  "model's state_dict() as it is (no sparse, quantized or meta tensors)")
+        if v.dtype not in TENSOR_DTYPES:
+            raise InvalidArgument(f"checkpoint tensor {k[:100]!r} has dtype {v.dtype}; weights must be real "
+                                  "numbers (float16/bfloat16/float32/float64), integers or bool")
     return ckpt
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, model_name: str = "model") -> None:
-    """Load a state dict strictly; a mismatch says which keys and shapes differ."""
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], *, model_name: str = "model") -> None:
+    """What `load_state` checks before loading: the same keys and shapes as the model, and finite weights."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -100,7 +154,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, model_name: 
         if missing:
             parts.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            parts.append(f"unexpected keys {[k[:100] for k in unexpected[:5]]}{'...' if len(unexpected) > 5 else ''}")
         if shapes:
             parts.append(f"shape mismatch {shapes[:3]}")
         raise InvalidArgument(f"checkpoint does not fit {model_name}: {'; '.join(parts)}")
@@ -108,6 +162,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, model_name: 
     if bad:
         raise InvalidArgument(f"checkpoint for {model_name} holds NaN or Inf in {bad[:5]}; "
                               "push weights from before training diverged")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, model_name: str = "model") -> None:
+    """Load a state dict strictly; a mismatch says which keys and shapes differ (`check_state`)."""
+    check_state(model, state, model_name=model_name)
     model.load_state_dict(state, strict=True)
 
 

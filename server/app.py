@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
+import socket
+import time
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,12 +17,12 @@ from typing import Iterator, Sequence
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from dataselect.engine import parse_micro_batch, resolve_channels_last, resolve_device, resolve_precision
 from dataselect.errors import DataselectError, InvalidArgument
 from dataselect.server.auth import AuthInterceptor
-from dataselect.server.interceptors import ErrorMappingInterceptor, InFlightLimit
+from dataselect.server.interceptors import DEFAULT_STREAM_IDLE_SECONDS, ErrorMappingInterceptor, InFlightLimit
+from dataselect.server.reflection import enable_reflection
 from dataselect.server.service import SelectionServicer
 from dataselect.server.sessions import DEFAULT_TTL_SECONDS, SessionStore
 from dataselect.v1 import selection_pb2 as pb
@@ -30,6 +34,18 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 DEFAULT_MAX_QUEUE = 64
 #: Threads beyond the in-flight limit, so health checks and rejections never wait for a thread.
 SPARE_THREADS = 4
+#: Model state one session may hold by default (--session-memory-mb).
+DEFAULT_SESSION_MEMORY = 2 * 2**30
+#: After the grace period: how long cancelled calls get to notice, and busy sessions to close.
+STOP_SECONDS = 0.5
+
+
+def default_memory_budget() -> int | None:
+    """Half of this machine's physical memory (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class AddressInUse(DataselectError):
@@ -56,6 +72,30 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def address_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound (None: it can), found with a plain socket before grpc tries,
+    so a taken port gives one clear error instead of grpc's own log line first."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot resolve host {host!r} ({exc})"
+    failures = []
+    for family, socktype, proto, _, addr in infos:
+        try:
+            with socket.socket(family, socktype, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
+                sock.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "the port is in use"
+            failures.append(exc)
+    if failures and len(failures) == len(infos):
+        return f"the host is not local ({failures[0].strerror or failures[0]})"
+    return None
 
 
 def _read_pem(path: str | Path, what: str) -> bytes:
@@ -101,6 +141,10 @@ def serve(
     precision: str = "auto",
     channels_last: bool | str | None = "auto",
     compile: bool = False,
+    stream_idle_seconds: float | None = DEFAULT_STREAM_IDLE_SECONDS,
+    memory_budget: int | str | None = "auto",
+    session_memory: int | None = DEFAULT_SESSION_MEMORY,
+    trim_memory: bool = True,
 ) -> Iterator[RunningServer]:
     """Start the scoring server and yield it; on exit, stop it with a grace period.
 
@@ -113,13 +157,28 @@ def serve(
     the one directory CheckpointChunk.path may name. `micro_batch` ('auto':
     sized from free CUDA memory), `precision` (auto|fp32|bf16|fp16 for forward
     signals), `channels_last` (auto|on|off) and `compile` are the scoring
-    engine's options for every session (`dataselect.engine`). Raises
-    `dataselect.errors.InvalidArgument` for an unusable device or setting and
+    engine's options for every session (`dataselect.engine`).
+
+    Hostile or stalled clients: a client stream silent for `stream_idle_seconds`
+    is ended (DEADLINE_EXCEEDED); `session_memory` bounds one session's model
+    state and `memory_budget` that of all sessions together ("auto": half of the
+    physical memory; None: no bound), in bytes; with `trim_memory`, freed memory
+    goes back to the OS after sessions close.
+
+    Stopping: health turns NOT_SERVING and new calls are refused (UNAVAILABLE)
+    while the calls in flight get `grace_seconds` to finish; the rest are then
+    cancelled, and the server is down within about a second more.
+
+    Raises `dataselect.errors.InvalidArgument` for an unusable device or setting and
     `AddressInUse` when the address cannot be bound.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if workers < 1 or max_queue < 0 or session_ttl <= 0:
         raise InvalidArgument(f"need workers >= 1, max_queue >= 0 and session_ttl > 0; got {workers}, {max_queue}, {session_ttl}")
+    if stream_idle_seconds is not None and not stream_idle_seconds > 0:
+        raise InvalidArgument(f"stream_idle_seconds must be > 0 (None: no limit), got {stream_idle_seconds}")
+    if memory_budget == "auto":
+        memory_budget = default_memory_budget()
     if (tls_cert is None) != (tls_key is None):
         raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
     if checkpoint_dir is not None and not Path(checkpoint_dir).is_dir():
@@ -132,12 +191,15 @@ def serve(
         log.warning("listening on %s without a token: anyone who can reach this address can use the server; "
                     "pass --token-file (or set DATASELECT_TOKEN)%s", host,
                     "" if tls_cert else " and --tls-cert/--tls-key")
-    store = SessionStore(max_sessions=max_sessions, ttl=session_ttl)
+    store = SessionStore(max_sessions=max_sessions, ttl=session_ttl, memory_budget=memory_budget,
+                         session_memory=session_memory, trim_memory=trim_memory)
     servicer = SelectionServicer(store, device=dev, max_message_bytes=max_message_bytes, micro_batch=micro_batch,
                                  scoring_slots=workers, checkpoint_dir=checkpoint_dir, authenticated=bool(tokens),
                                  precision=precision, channels_last=channels_last, compile=compile)
     in_flight = workers + max_queue
-    interceptors = ([AuthInterceptor(tokens)] if tokens else []) + [ErrorMappingInterceptor(InFlightLimit(in_flight))]
+    limit = InFlightLimit(in_flight)
+    interceptors = ([AuthInterceptor(tokens)] if tokens else []) + [
+        ErrorMappingInterceptor(limit, stream_idle_seconds=stream_idle_seconds)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=in_flight + SPARE_THREADS, thread_name_prefix="dataselect-rpc"),
         interceptors=interceptors,
@@ -151,10 +213,12 @@ def serve(
     pb_grpc.add_SelectionServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     address = format_address(host, port)
+    problem = address_problem(host, port)
+    if problem is not None:
+        server.stop(None)
+        raise AddressInUse(f"cannot listen on {address}: {problem}; pick another --port (0 picks a free one) or --host")
     try:
         if tls_cert is not None:
             creds = grpc.ssl_server_credentials([(_read_pem(tls_key, "--tls-key"), _read_pem(tls_cert, "--tls-cert"))])
@@ -176,7 +240,26 @@ def serve(
     try:
         yield running
     finally:
-        # Health goes NOT_SERVING first so load balancers stop sending new work.
-        health_servicer.enter_graceful_shutdown()
-        server.stop(grace_seconds).wait()
-        store.close_all()
+        stop(running, limit, grace_seconds)
+
+
+def stop(running: RunningServer, limit: InFlightLimit, grace_seconds: float) -> None:
+    """Drain, then stop: within `grace_seconds` plus about `STOP_SECONDS`.
+
+    Health goes NOT_SERVING first and stays answerable while the calls in flight
+    finish, so load balancers and `grpc_health_probe` see the drain; new Selection
+    calls get UNAVAILABLE meanwhile. Calls still running when the grace period
+    ends are cancelled, and scoring stops at its next micro-batch.
+    """
+    t0 = time.monotonic()
+    running.health.enter_graceful_shutdown()
+    drained = limit.drain(max(0.0, float(grace_seconds)))
+    if not drained:
+        log.warning("%d call(s) still running after the %gs grace period: cancelling them",
+                    limit.in_flight, grace_seconds)
+    running.servicer.stopping.set()
+    running.server.stop(0).wait(STOP_SECONDS)
+    busy = running.store.close_all(timeout=STOP_SECONDS / 2)
+    if busy:
+        log.warning("%d session(s) still busy at shutdown; they close when their calls stop", busy)
+    log.info("stopped in %.1fs", time.monotonic() - t0)
