@@ -2,11 +2,18 @@
 
     python benchmarks/load_test.py                      # 16 clients x 100 Selects of 1,024 MNIST-sized samples
     python benchmarks/load_test.py --clients 4 --requests 10 --json out.json
+    python benchmarks/load_test.py --memory-variants      # the same load against four memory settings
 
 Starts the server as a subprocess (`--device cpu`), opens one high_loss session
 per client (cnn-small, 1x28x28 uint8 inputs), uploads a checkpoint, then each
-client sends `--requests` Selects of `--pool` samples. Reports errors, p50/p99
-latency, throughput and the server's RSS (VmRSS) before and after.
+client sends `--requests` Selects of `--pool` samples and closes its session.
+Reports errors, p50/p99 latency, throughput and the server's RSS (VmRSS) before
+the load and once every session has closed, and their ratio.
+
+`--memory-variants` runs the load once per server memory setting, one after the
+other in the same run: glibc's defaults with nothing handed back (the baseline),
+`malloc_trim` after sessions close, malloc arenas capped at 2, and both (the
+server's default). The ratio RSS after / RSS before says how much memory came back.
 """
 
 from __future__ import annotations
@@ -34,11 +41,22 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+#: --memory-variants: name -> extra server arguments.
+MEMORY_VARIANTS = {
+    "baseline (no trim, glibc arenas)": ["--no-trim-memory", "--malloc-arena-max", "0"],
+    "malloc_trim": ["--trim-memory", "--malloc-arena-max", "0"],
+    "2 arenas": ["--no-trim-memory", "--malloc-arena-max", "2"],
+    "malloc_trim + 2 arenas (default)": ["--trim-memory", "--malloc-arena-max", "2"],
+}
+#: How long to wait after the last session closed before reading RSS (the server trims within ~0.2 s).
+SETTLE_SECONDS = 2.0
+
+
+def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     script = shutil.which("dataselect-server", path=os.path.dirname(sys.executable))
     cmd = ([script] if script else [sys.executable, "-m", "dataselect.server.cli"]) + [
         "--device", "cpu", "--port", "0", "--workers", str(args.workers), "--max-queue", str(args.max_queue),
-        "--log-level", "warning"]
+        "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -62,7 +80,29 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="server --workers")
     ap.add_argument("--max-queue", type=int, default=64, help="server --max-queue")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--memory-variants", action="store_true",
+                    help="run the load once per server memory setting and compare RSS after/before")
+    ap.add_argument("--server-args", default="", help="extra dataselect-server arguments (one string)")
     args = ap.parse_args(argv)
+    variants = MEMORY_VARIANTS if args.memory_variants else {"server": args.server_args.split()}
+    results = [run_load(args, name, extra) for name, extra in variants.items()]
+    print("| server | clients x requests | pool | errors | p50 ms | p99 ms | Selects/s | samples/s "
+          "| RSS before load (MiB) | RSS after, sessions closed (MiB) | after / before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['server']} | {r['clients']} x {r['requests_per_client']} | {r['pool']} | {r['errors']} | "
+              f"{r['p50_ms'] or 0:.1f} | {r['p99_ms'] or 0:.1f} | {r['throughput_selects_per_s']:.1f} | "
+              f"{r['throughput_samples_per_s']:.0f} | {r['server_rss_before_mib']:.0f} | "
+              f"{r['server_rss_after_mib']:.0f} | {r['rss_after_over_before']:.2f} |")
+        for e in r["first_errors"]:
+            print("error:", e)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results if len(results) > 1 else results[0], f, indent=2)
+    return 1 if any(r["errors"] for r in results) else 0
+
+
+def run_load(args, name: str, extra: list[str]) -> dict:
 
     from dataselect.client.remote import RemoteScorer
     from dataselect.client.scorer import SessionSpec
@@ -73,7 +113,7 @@ def main(argv=None) -> int:
     spec = SessionSpec(args.strategy, {}, args.model, kwargs, num_classes=10, dataset="load", dataset_size=60_000)
     torch.manual_seed(0)
     model = build_model(args.model, **kwargs)
-    proc, address = start_server(args)
+    proc, address = start_server(args, extra)
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -108,6 +148,7 @@ def main(argv=None) -> int:
                 except Exception as exc:  # noqa: BLE001 - a client that could not even open
                     errors.append(f"{type(exc).__name__}: {exc}")
         wall = time.perf_counter() - t0
+        time.sleep(SETTLE_SECONDS)  # every client closed its session on leaving its `with`
         rss_after = rss_mib(proc.pid)
     finally:
         proc.terminate()
@@ -123,18 +164,9 @@ def main(argv=None) -> int:
         "wall_s": wall, "throughput_selects_per_s": len(lat) / wall,
         "throughput_samples_per_s": len(lat) * args.pool / wall,
         "server_rss_before_mib": rss_before, "server_rss_after_mib": rss_after,
+        "rss_after_over_before": rss_after / rss_before, "server": name, "server_args": list(extra),
     }
-    print(f"| clients x requests | pool | errors | p50 ms | p99 ms | Selects/s | samples/s | server RSS before -> after (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.clients} x {args.requests} | {args.pool} | {len(errors)} | {result['p50_ms'] or 0:.1f} | "
-          f"{result['p99_ms'] or 0:.1f} | {result['throughput_selects_per_s']:.1f} | "
-          f"{result['throughput_samples_per_s']:.0f} | {rss_before:.0f} -> {rss_after:.0f} |")
-    for e in errors[:5]:
-        print("error:", e)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 1 if errors else 0
+    return result
 
 
 if __name__ == "__main__":

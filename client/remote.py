@@ -108,6 +108,9 @@ class RemoteScorer:
                  checkpoint_delta: bool = False):
         if on_server_failure not in ON_SERVER_FAILURE:
             raise InvalidArgument(f"on_server_failure must be one of {', '.join(ON_SERVER_FAILURE)}, got {on_server_failure!r}")
+        from dataselect.client.replicas import check_address
+
+        address = check_address(address)  # a malformed address fails now, not after the connect timeout
         self.address = address
         self.spec = spec
         self.timeout = float(timeout)
@@ -121,6 +124,8 @@ class RemoteScorer:
         self.counters = ScorerCounters()
         self._closed = False
         self._fallback: EmbeddedScorer | None = None
+        #: When the current outage began (monotonic seconds; None while the server answers).
+        self._lost_since: float | None = None
         if checkpoint_dtype not in CHECKPOINT_DTYPES:
             raise InvalidArgument(f"checkpoint_dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, got {checkpoint_dtype!r}")
         self.checkpoint_dtype = checkpoint_dtype
@@ -168,12 +173,15 @@ class RemoteScorer:
 
     def _open(self) -> SessionInfo:
         spec = self.spec
-        resp = self._call(self._stub.OpenSession, pb.OpenSessionRequest(
-            strategy=spec.strategy, options_json=json.dumps(spec.options or {}),
-            model=pb.ModelSpec(name=spec.model_name, kwargs_json=json.dumps(spec.model_kwargs)),
-            seed=spec.seed, num_classes=spec.num_classes, dataset=spec.dataset,
-            dataset_size=spec.dataset_size, policy=spec.policy, input_scale=spec.input_scale,
-        ))
+        try:
+            resp = self._call(self._stub.OpenSession, pb.OpenSessionRequest(
+                strategy=spec.strategy, options_json=json.dumps(spec.options or {}),
+                model=pb.ModelSpec(name=spec.model_name, kwargs_json=json.dumps(spec.model_kwargs)),
+                seed=spec.seed, num_classes=spec.num_classes, dataset=spec.dataset,
+                dataset_size=spec.dataset_size, policy=spec.policy, input_scale=spec.input_scale,
+            ))
+        except InvalidArgument as exc:
+            raise self._missing_on_server(exc) from None
         return SessionInfo(
             session_id=resp.session_id, strategy=resp.strategy,
             resolved_options=json.loads(resp.resolved_options_json or "{}"), default_mode=resp.default_mode,
@@ -181,6 +189,28 @@ class RemoteScorer:
             proxy_width_ratio=resp.proxy.width_ratio if resp.HasField("proxy") else 0.0,
             proxy_loss_weight=resp.proxy.loss_weight if resp.HasField("proxy") else 0.0,
         )
+
+    def _missing_on_server(self, exc: InvalidArgument) -> InvalidArgument:
+        """OpenSession refused: when the *server* lacks the strategy or model (a plugin installed on this
+        side only, so `dataselect strategies` here lists it), say so and what the server has."""
+        text = str(exc)
+        if not text.startswith(("unknown strategy", "unknown model")):
+            return exc
+        try:
+            info = self._stub.Describe(pb.DescribeRequest(), timeout=min(self.timeout, 10.0), metadata=self._metadata)
+        except grpc.RpcError:
+            return exc
+        strategies = [s.name for s in info.strategies]
+        if self.spec.strategy not in strategies:
+            kind, name, has, listing = "strategy", self.spec.strategy, strategies, "strategies"
+        elif self.spec.model_name not in info.models:
+            kind, name, has, listing = "model", self.spec.model_name, list(info.models), "models"
+        else:
+            return exc
+        return InvalidArgument(
+            f"the scoring server at {self.address} has no {kind} {name!r} (it has: {', '.join(has)}); a {kind} "
+            f"listed by `dataselect {listing}` here comes from a plugin installed on this machine, which the server "
+            f"lacks: install that plugin where dataselect-server runs and restart it, or pick one the server has")
 
     @property
     def fallen_back(self) -> bool:
@@ -323,18 +353,24 @@ class RemoteScorer:
         """
         if self.retry_seconds <= 0:
             return op()
-        deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
         lost: DataselectError | None = None
         while True:
             if lost is None:
                 try:
-                    return op()
+                    result = op()
+                    self._lost_since = None
+                    return result
                 except _Unreachable as exc:
                     lost = exc
                 except NotFound as exc:
                     # The server restarted between two calls, or the session idled out (--session-ttl).
                     lost = exc
+                if self._lost_since is None:
+                    self._lost_since = time.monotonic()
+            # One budget per outage, shared by every call that meets it (a push, then the Selects
+            # queued behind it): the run gives up `retry_seconds` after the server was first lost.
+            deadline = self._lost_since + self.retry_seconds
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if self.on_server_failure == "fallback":
@@ -414,6 +450,8 @@ class RemoteScorer:
             details = (f"{details}: a message exceeded the size limit of {self.max_message_bytes} bytes here or the "
                        "server's --max-message-mb; set max_message_bytes to the server's limit (pools larger than "
                        "half of it are streamed)")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and "--stream-idle-seconds" in details:
+            return ServerUnavailable(f"dataselect-server at {self.address} ended the call: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerUnavailable(f"dataselect-server at {self.address} did not answer within {self.timeout:g}s; "
                                      "raise the scorer timeout or use a faster server device")

@@ -69,6 +69,42 @@ MERGES = ("exact", "proportional")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 
+#: grpc target forms passed through as they are (a Unix socket, an explicit resolver).
+GRPC_TARGET_PREFIXES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")
+
+
+def address_error(entry: str) -> str | None:
+    """Why `entry` is not a usable HOST:PORT (None when it is), with the likely fix."""
+    if entry.startswith(GRPC_TARGET_PREFIXES):
+        return None
+    if "://" in entry:
+        scheme, _, rest = entry.partition("://")
+        return (f"{entry!r} is a URL; give HOST:PORT without the scheme {scheme + '://'!r}, "
+                f"e.g. {rest.rstrip('/') or '127.0.0.1:50051'}")
+    m = _HOST_PORT.match(entry)
+    if m is None:
+        if ":" not in entry:
+            digits = re.match(r"^(.*?[^\d])(\d{2,5})$", entry)
+            hint = f"; did you mean {digits.group(1)}:{digits.group(2)}?" if digits else ""
+            return f"{entry!r} has no port: give HOST:PORT, e.g. 127.0.0.1:50051{hint}"
+        return f"{entry!r} is not HOST:PORT (port 1-65535)"
+    if not 1 <= int(m.group(2)) <= 65535:
+        return f"{entry!r} is not HOST:PORT (port 1-65535)"
+    return None
+
+
+def check_address(address: str) -> str:
+    """`address` if it is one usable HOST:PORT, else InvalidArgument saying how to write it (no network)."""
+    address = str(address).strip()
+    if "," in address:
+        raise InvalidArgument(f"{address!r} names several servers; one scorer talks to one HOST:PORT "
+                              "(the trainer's --server host1:50051,host2:50051 spreads pools over replicas)")
+    problem = address_error(address) if address else "the address is empty"
+    if problem is not None:
+        raise InvalidArgument(f"--server: {problem}")
+    return address
+
+
 def parse_servers(text: str) -> list[str]:
     """`"host1:port,host2:port"` -> the list of addresses, or InvalidArgument naming the bad entry."""
     entries = [e.strip() for e in str(text).split(",")]
@@ -79,10 +115,9 @@ def parse_servers(text: str) -> list[str]:
         where = f"entry {k} of --server {text!r}" if len(entries) > 1 else f"--server {text!r}"
         if not entry:
             raise InvalidArgument(f"{where} is empty; separate replicas with single commas: host1:50051,host2:50051")
-        m = _HOST_PORT.match(entry)
-        if m is None or not 1 <= int(m.group(2)) <= 65535:
-            raise InvalidArgument(f"{where}: {entry!r} is not HOST:PORT (port 1-65535); "
-                                  "for several replicas write host1:50051,host2:50051")
+        problem = address_error(entry)
+        if problem is not None:
+            raise InvalidArgument(f"{where}: {problem}; for several replicas write host1:50051,host2:50051")
         if entry in out:
             raise InvalidArgument(f"{where}: {entry!r} is listed twice; name each replica once")
         out.append(entry)

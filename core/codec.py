@@ -29,6 +29,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 #: More dimensions than any pool needs (torch itself stops at 64).
 MAX_RANK = 8
+#: Largest number of elements a shape may describe, counting zero-length dimensions as 1: torch
+#: computes strides from the shape even for an empty tensor, and they must fit in int64.
+MAX_ELEMENTS = 2**48
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # torch.frombuffer warns that protobuf's bytes are read-only; decoded tensors
@@ -66,9 +69,13 @@ def decode(msg: pb.Tensor, *, name: str = "tensor") -> torch.Tensor:
         raise InvalidArgument(f"{name}: shape {list(shape)[:MAX_RANK + 1]}... has more than {MAX_RANK} dimensions")
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{name}: negative dimension in shape {list(shape)}")
-    numel = 1
+    numel, span = 1, 1
     for s in shape:
         numel *= s
+        span *= max(s, 1)
+    if span > MAX_ELEMENTS:
+        raise InvalidArgument(f"{name}: shape {list(shape)} describes more than 2**48 elements (dimensions this large "
+                              "overflow even an empty tensor's strides); send the shape of the data sent")
     itemsize = torch.empty((), dtype=dtype).element_size()
     data = msg.data  # read once: each read of a bytes field makes a new copy of the payload
     if len(data) != numel * itemsize:

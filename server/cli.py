@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,6 +13,8 @@ import click
 from dataselect.errors import DataselectError
 
 log = logging.getLogger("dataselect.server")
+#: Default for --malloc-arena-max (see benchmarks/load_test.py for the measurement behind it).
+MALLOC_ARENAS = 2
 
 
 def _fail(message: str) -> None:
@@ -65,12 +68,26 @@ class MicroBatch(click.ParamType):
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key for --tls-cert.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Let clients name checkpoint files inside this directory (nothing outside it).")
+@click.option("--stream-idle-seconds", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="End a client stream (SelectStream, UploadCheckpoint) that sends nothing for this long.")
+@click.option("--session-memory-mb", default=2048, show_default=True, type=click.IntRange(1),
+              help="Model state one session may hold (the model's parameters and buffers), in MiB.")
+@click.option("--memory-budget-mb", default=None, type=click.IntRange(1),
+              help="Model state all sessions together may hold, in MiB [default: half the physical memory].")
+@click.option("--malloc-arena-max", default=MALLOC_ARENAS, show_default=True, type=click.IntRange(0),
+              help="Cap glibc's malloc arenas (fewer arenas: less memory held after load; 0 = glibc's default).")
+@click.option("--trim-memory/--no-trim-memory", default=True, show_default=True,
+              help="Hand freed memory back to the OS (malloc_trim) after sessions close.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(host, port, device, max_message_mb, micro_batch, precision, channels_last, compile_model, threads, workers,
-         grace_seconds, max_queue, max_sessions, session_ttl, token_file, tls_cert, tls_key, checkpoint_dir, log_level):
+         grace_seconds, max_queue, max_sessions, session_ttl, token_file, tls_cert, tls_key, checkpoint_dir,
+         stream_idle_seconds, session_memory_mb, memory_budget_mb, malloc_arena_max, trim_memory, log_level):
     """Serve dataselect.v1.Selection: score candidate pools for dataselect-train."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dataselect.server.sessions import limit_malloc_arenas
+
+    limit_malloc_arenas(malloc_arena_max)  # before the RPC threads start allocating
     from dataselect.engine import resolve_device, resolve_precision
     from dataselect.plugins import selectors
     from dataselect.server.app import AddressInUse, serve
@@ -107,7 +124,10 @@ def main(host, port, device, max_message_mb, micro_batch, precision, channels_la
                    micro_batch=micro_batch, grace_seconds=grace_seconds, max_queue=max_queue,
                    max_sessions=max_sessions, session_ttl=session_ttl, tokens=tokens, tls_cert=tls_cert,
                    tls_key=tls_key, checkpoint_dir=checkpoint_dir, precision=precision.lower(),
-                   channels_last=channels_last, compile=compile_model) as running:
+                   channels_last=channels_last, compile=compile_model, stream_idle_seconds=stream_idle_seconds,
+                   session_memory=session_memory_mb * 2**20,
+                   memory_budget="auto" if memory_budget_mb is None else memory_budget_mb * 2**20,
+                   trim_memory=trim_memory) as running:
             log.info("dataselect-server listening on %s (%s, %s), device %s, strategies: %s",
                      running.address, "TLS" if running.tls else "plaintext",
                      "token required" if tokens else "no token", running.device, ", ".join(selectors()))
@@ -123,6 +143,20 @@ def main(host, port, device, max_message_mb, micro_batch, precision, channels_la
     except DataselectError as exc:
         _fail(str(exc))
     log.info("stopped")
+    _exit_now_if_stuck()
+
+
+def _exit_now_if_stuck() -> None:
+    """Exit at once when a call is still stuck past the grace period (e.g. inside a plugin that ignores
+    cancellation): Python would otherwise wait for its worker thread before exiting."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not stuck:
+        return
+    log.warning("exiting with %d call(s) still running past the grace period", len(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

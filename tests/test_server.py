@@ -305,8 +305,8 @@ def test_second_server_on_a_used_port_is_refused(server):
 # -- the remote client -----------------------------------------------------------------------
 
 
-def spec(strategy="high_loss", seed=5):
-    return SessionSpec(strategy=strategy, options={}, model_name=MODEL, model_kwargs=dict(KWARGS),
+def spec(strategy="high_loss", seed=5, model_name=MODEL):
+    return SessionSpec(strategy=strategy, options={}, model_name=model_name, model_kwargs=dict(KWARGS),
                        num_classes=10, seed=seed, dataset="test", dataset_size=10_000)
 
 
@@ -344,8 +344,11 @@ def test_remote_streams_pools_larger_than_its_message_limit(server, model):
 
 
 def test_remote_maps_status_codes_to_errors(server, model):
-    with pytest.raises(InvalidArgument, match="known strategies"):
+    # The *server* lacks it (a plugin installed on the trainer's side only): say so, and what it has.
+    with pytest.raises(InvalidArgument, match=r"scoring server at .* has no strategy 'nope' \(it has: .*high_loss"):
         RemoteScorer(server.address, spec(strategy="nope"))
+    with pytest.raises(InvalidArgument, match=r"has no model 'resnet9000' \(it has: .*mlp.*`dataselect models`"):
+        RemoteScorer(server.address, spec(model_name="resnet9000"))
     remote = RemoteScorer(server.address, spec(), retry_seconds=0)  # 0: no reopening of a lost session
     ids, inputs, labels = make_pool(8)
     with pytest.raises(FailedPrecondition, match="checkpoint"):
