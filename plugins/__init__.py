@@ -36,6 +36,7 @@ log = logging.getLogger("dataselect.plugins")
 DEFAULT_PLUGINS = (
     "dataselect.plugins.builtin_models",
     "dataselect.plugins.builtin_selectors",
+    "dataselect.plugins.builtin_datasets",
 )
 
 pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -55,6 +56,7 @@ class _State:
     loaded: bool = False
     selectors: dict[str, Registered] = field(default_factory=dict)
     models: dict[str, Registered] = field(default_factory=dict)
+    datasets: dict[str, Registered] = field(default_factory=dict)
     #: plugin name -> (distribution, version)
     plugins: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: plugin name -> error message for plugins that failed to load
@@ -148,16 +150,18 @@ def _collect(strict: str | None = None) -> None:
     """
     selectors: dict[str, Registered] = {}
     models: dict[str, Registered] = {}
+    datasets: dict[str, Registered] = {}
     for plugin_name in list(_state.plugins):
         plugin = pm.get_plugin(plugin_name)
         if plugin is None:
             continue
         dist, version = _state.plugins[plugin_name]
         # Register into copies: a plugin that fails half-way leaves no partial registrations.
-        mine_s, mine_m = dict(selectors), dict(models)
+        mine_s, mine_m, mine_d = dict(selectors), dict(models), dict(datasets)
         try:
             _run_hook(plugin, plugin_name, "register_selectors", _selector_register(mine_s, plugin_name, dist, version))
             _run_hook(plugin, plugin_name, "register_models", _model_register(mine_m, plugin_name, dist, version))
+            _run_hook(plugin, plugin_name, "register_datasets", _dataset_register(mine_d, plugin_name, dist, version))
         except Exception as exc:
             if plugin_name == strict or plugin_name in DEFAULT_PLUGINS:
                 raise
@@ -165,9 +169,10 @@ def _collect(strict: str | None = None) -> None:
             _fail(plugin_name, f"plugin {plugin_name!r} ({dist} {version}) failed to register: {message}")
             continue
         _state.failed.pop(plugin_name, None)
-        selectors, models = mine_s, mine_m
+        selectors, models, datasets = mine_s, mine_m, mine_d
     _state.selectors = selectors
     _state.models = models
+    _state.datasets = datasets
 
 
 def _run_hook(plugin: Any, plugin_name: str, hook: str, register: Callable) -> None:
@@ -205,6 +210,27 @@ def _model_register(into: dict, plugin: str, dist: str, version: str) -> Callabl
         if name in into:
             raise InvalidArgument(f"model name {name!r} registered twice: by {into[name].plugin!r} and by {plugin!r}")
         into[name] = Registered(builder, plugin, dist, version)
+
+    return register
+
+
+def _dataset_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
+    def register(name: str, loader: Callable) -> None:
+        if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise InvalidArgument(f"plugin {plugin!r}: dataset name {name!r} must be letters, digits, '_' or '-' "
+                                  "(users add an argument after a colon: NAME:ARGUMENT)")
+        if not callable(loader):
+            raise InvalidArgument(f"plugin {plugin!r}: dataset {name!r} loader is not callable")
+        metavar = getattr(loader, "argument", None)
+        if metavar is not None and (not isinstance(metavar, str) or not metavar):
+            raise InvalidArgument(f"plugin {plugin!r}: dataset {name!r} loader.argument must be a non-empty string "
+                                  f"such as 'DIR' (what users write after {name}:), got {metavar!r}")
+        check = getattr(loader, "check", None)
+        if check is not None and not callable(check):
+            raise InvalidArgument(f"plugin {plugin!r}: dataset {name!r} loader.check must be callable(argument)")
+        if name in into:
+            raise InvalidArgument(f"dataset name {name!r} registered twice: by {into[name].plugin!r} and by {plugin!r}")
+        into[name] = Registered(loader, plugin, dist, version)
 
     return register
 
@@ -265,7 +291,7 @@ def _reset_for_tests() -> None:
                 pm.unregister(name=name)
         _state.plugins.clear()
         _state.failed.clear()
-        _state.selectors, _state.models = {}, {}
+        _state.selectors, _state.models, _state.datasets = {}, {}, {}
         _state.loaded = False
         load_plugins()
         _state.plugins.update(runtime)
@@ -299,6 +325,26 @@ def get_model_builder(name: str) -> Callable:
 def models() -> dict[str, Registered]:
     load_plugins()
     return dict(sorted(_state.models.items()))
+
+
+def _dataset_label(name: str, loader: Callable) -> str:
+    metavar = getattr(loader, "argument", None)
+    return f"{name}:{metavar}" if metavar else name
+
+
+def get_dataset_loader(name: str) -> Callable:
+    """The dataset loader registered under `name` (the part of a spec before any colon)."""
+    load_plugins()
+    try:
+        return _state.datasets[name].obj
+    except KeyError:
+        known = ", ".join(_dataset_label(n, r.obj) for n, r in sorted(_state.datasets.items()))
+        raise InvalidArgument(f"unknown dataset {name!r}; known datasets: {known}{_failed_note()}") from None
+
+
+def datasets() -> dict[str, Registered]:
+    load_plugins()
+    return dict(sorted(_state.datasets.items()))
 
 
 def plugins() -> list[dict[str, Any]]:

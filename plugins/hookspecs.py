@@ -80,3 +80,41 @@ def register_models(register: Callable[..., None]) -> None:
         def register_models(register):
             register("tiny-cnn", TinyCNN)
     """
+
+
+@hookspec
+def register_datasets(register: Callable[..., None]) -> None:
+    """Register datasets, so `dataselect-train --dataset NAME` and `dataselect.datasets.open_dataset` find them.
+
+    Call `register(name, loader)` once per dataset; `name` is letters,
+    digits, `_` or `-`. Users write `NAME` or `NAME:ARGUMENT` (everything
+    after the first colon is the argument, e.g. a folder). The loader is
+    called with keywords only:
+
+        loader(*, root: Path, argument: str | None, download: bool,
+               seed: int, augment: bool) -> dataselect.datasets.DataSource
+
+    `root` is the data directory (`--data-dir`, else `$DATASELECT_DATA`, else
+    `~/.cache/dataselect/data`); `seed` fixes anything random the loader does
+    (a held-out split, a sample for mean/std); `augment=False` turns the
+    training augmentation off. Return the full splits: `open_dataset` applies
+    `train_subset`, `test_subset`, label noise and class imbalance for every
+    dataset. Items are `(input, int label)`; images are uint8 `[C, H, W]`
+    tensors (models normalise inside with `DatasetInfo.mean/std`; left as
+    None they are estimated from a sample). `train_labels` must list every
+    training label without decoding the inputs. A dataset that fits in memory
+    also sets `train_tensors`/`test_tensors` (a `Split`; `train_subset` then
+    keeps the first N samples, else a seeded random N) and `augment_batch`.
+    A loader may declare `loader.argument = "DIR"` (shown as `NAME:DIR` in
+    listings; the argument is then required, otherwise refused) and
+    `loader.check(argument)`, a fast validation without loading data. Raise
+    `dataselect.errors.InvalidArgument` or `NotFound` with a message saying
+    what to fix. A name taken by another plugin is refused naming both
+    plugins.
+
+    Example:
+
+        @dataselect.hookimpl
+        def register_datasets(register):
+            register("my-sensors", load_my_sensors)
+    """
