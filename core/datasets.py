@@ -168,11 +168,9 @@ class RandomCropFlip:
             padded = torch.nn.functional.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
             dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-            rows = dy[:, None] + torch.arange(h)  # [N, H]
-            cols = dx[:, None] + torch.arange(w)  # [N, W]
-            # Advanced indices on dims 0, 2, 3 around a slice: the result is [N, H, W, C].
-            out = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-            out = out.permute(0, 3, 1, 2).contiguous()
+            # Every crop as a view [N, C, 2p+1, 2p+1, H, W]; one gather copies the chosen one per image.
+            windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+            out = windows[torch.arange(n), :, dy, dx]
         if self.flip and n:
             flip = torch.rand(n, generator=generator) < 0.5
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
