@@ -115,6 +115,8 @@ class RunningServer:
     store: SessionStore
     health: health.HealthServicer
     tls: bool = False
+    #: The Selection calls in flight (`in_flight`) and the drain on stop.
+    limit: InFlightLimit | None = None
 
     @property
     def address(self) -> str:
@@ -236,7 +238,7 @@ def serve(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server=server, host=host, port=bound, device=dev, servicer=servicer,
-                            store=store, health=health_servicer, tls=tls_cert is not None)
+                            store=store, health=health_servicer, tls=tls_cert is not None, limit=limit)
     try:
         yield running
     finally:

@@ -143,16 +143,15 @@ def main(host, port, device, max_message_mb, micro_batch, precision, channels_la
     except DataselectError as exc:
         _fail(str(exc))
     log.info("stopped")
-    _exit_now_if_stuck()
+    _exit_now_if_stuck(running.limit.in_flight if running.limit is not None else 0)
 
 
-def _exit_now_if_stuck() -> None:
-    """Exit at once when a call is still stuck past the grace period (e.g. inside a plugin that ignores
-    cancellation): Python would otherwise wait for its worker thread before exiting."""
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    if not stuck:
+def _exit_now_if_stuck(calls: int) -> None:
+    """Exit at once when calls are still stuck past the grace period (e.g. inside a plugin that ignores
+    cancellation): Python would otherwise wait for their worker threads before exiting."""
+    if not calls:
         return
-    log.warning("exiting with %d call(s) still running past the grace period", len(stuck))
+    log.warning("exiting with %d call(s) still running past the grace period", calls)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

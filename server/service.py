@@ -250,6 +250,7 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         if not request.model.name:
             raise InvalidArgument(f"model.name is empty; known models: {', '.join(models())}")
         get_model_builder(request.model.name)  # an unknown name lists the known ones before anything is built
+        self._check_model_kwargs(kwargs)
         self._check_sample_size(kwargs)
         if not (math.isfinite(request.input_scale) and request.input_scale >= 0):
             raise InvalidArgument(f"input_scale must be a number in (0, 1] (0 = 1), got {request.input_scale!r}")
@@ -281,6 +282,20 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             proxy=None if session.proxy is None else pb.ProxySpec(width_ratio=session.proxy.ratio,
                                                                   loss_weight=session.proxy.loss_weight),
         )
+
+    @staticmethod
+    def _check_model_kwargs(kwargs: dict[str, Any]) -> None:
+        """Arguments whose values are known to break every score, named before anything is built."""
+        for name in ("mean", "std"):
+            if name not in kwargs:
+                continue
+            values = kwargs[name] if isinstance(kwargs[name], list) else [kwargs[name]]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise InvalidArgument(f"model.kwargs_json: {name} must be a number or a list of numbers, "
+                                      f"got {json.dumps(kwargs[name])[:100]}")
+            if name == "std" and not all(v > 0 for v in values):
+                raise InvalidArgument(f"model.kwargs_json: std must be > 0 for every channel (inputs are divided by "
+                                      f"it), got {json.dumps(kwargs[name])[:100]}")
 
     def _check_sample_size(self, kwargs: dict[str, Any]) -> None:
         """One sample of the model's declared input shape must fit in a message (checked before any trial forward)."""
