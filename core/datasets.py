@@ -27,6 +27,14 @@ in the loader's full training split.
 
 Variants (training split only, fixed by `seed`, recorded in
 `DataSource.variant`): class imbalance first, then label noise.
+
+Handing a source to `dataselect.Session.loader`:
+
+    if source.train_tensors is not None:   # in memory: indexed directly, batches augmented at once
+        loader = session.loader(source.train_tensors, batch_size, augment=source.augment_batch)
+    else:                                  # lazily loaded: a DataLoader with workers
+        loader = session.loader(source.train, batch_size, plain=source.train_plain,
+                                labels=source.train_labels, num_workers=4)
 """
 
 from __future__ import annotations
@@ -464,7 +472,8 @@ def open_dataset(spec: str, data_dir: str | os.PathLike | None = None, *, downlo
 
     test_index = None
     if test_subset is not None:
-        test_index = torch.arange(test_subset) if in_memory else _random_subset(n_test, test_subset, seed, "test_subset")
+        test_index = (torch.arange(test_subset) if in_memory
+                      else _random_subset(n_test, test_subset, seed, "test_subset"))
 
     out = dataclasses.replace(source, info=info, train_labels=labels, clean_labels=clean, variant=variant,
                               train_index=index)
@@ -477,14 +486,14 @@ def open_dataset(spec: str, data_dir: str | os.PathLike | None = None, *, downlo
             out.train_tensors = split
             out.train_plain = split
             out.train = AugmentedSplit(split, source.augment_batch) if source.augment_batch is not None else split
-        if test_index is not None and source.test_tensors is not None:
+    elif train_changed:
+        out.train = Remapped(source.train, index, labels)
+        out.train_plain = Remapped(source.train_plain, index, labels)
+    if test_index is not None:
+        if source.test_tensors is not None:
             out.test_tensors = source.test_tensors.head(test_subset)
             out.test = out.test_tensors
-    else:
-        if train_changed:
-            out.train = Remapped(source.train, index, labels)
-            out.train_plain = Remapped(source.train_plain, index, labels)
-        if test_index is not None:
+        else:
             out.test = Remapped(source.test, test_index)
     return out
 

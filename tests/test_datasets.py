@@ -135,10 +135,12 @@ def test_arguments_are_required_or_refused_with_the_fix():
         check_dataset_spec("imagefolder")
     with pytest.raises(InvalidArgument, match=r"takes no argument .*use --dataset mnist"):
         open_dataset("mnist:digits")
-    with pytest.raises(InvalidArgument, match="NoSuchSet is not a torchvision dataset; classes that work here:.*FashionMNIST"):
+    with pytest.raises(InvalidArgument,
+                       match="NoSuchSet is not a torchvision dataset; classes that work here:.*FashionMNIST"):
         check_dataset_spec("torchvision:NoSuchSet")
     # SVHN exists but takes split= instead of train=: the message says to register it through the hook
-    with pytest.raises(InvalidArgument, match="does not take the standard root/train/transform/download.*register_datasets"):
+    with pytest.raises(InvalidArgument,
+                       match="does not take the standard root/train/transform/download.*register_datasets"):
         check_dataset_spec("torchvision:SVHN")
     with pytest.raises(NotFound, match="no folder .*train/<class>"):
         check_dataset_spec("imagefolder:/nonexistent/dataselect-test-folder")
@@ -200,7 +202,8 @@ def test_a_plugin_registers_a_dataset_and_open_dataset_applies_subset_and_varian
         assert source.variant["noisy"] == int((source.train_labels != source.clean_labels).sum()) > 0
         with pytest.raises(InvalidArgument, match=r"shape \(6,\), not images .*register_models"):
             source.info.model_kwargs()
-        with pytest.raises(PluginError, match="'test-broken' \\(plugin 'test-vectors-plugin'\\).*not a dataselect.datasets.DataSource"):
+        with pytest.raises(PluginError, match=r"'test-broken' \(plugin 'test-vectors-plugin'\)"
+                                              ".*not a dataselect.datasets.DataSource"):
             open_dataset("test-broken")
     finally:
         registry.unregister_plugin("test-vectors-plugin")
@@ -330,7 +333,8 @@ def test_imagefolder_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
     source = open_dataset(f"imagefolder:{tmp_path / 'f'}", augment=False)
     paths = source.train_plain.paths
     wide = source.train_plain[paths.index(str(tmp_path / "f" / "train" / "a" / "wide.png"))][0]
-    assert wide.shape == (3, 24, 24) and torch.equal(wide, torch.tensor([0, 255, 0], dtype=torch.uint8)[:, None, None].expand(3, 24, 24))
+    green = torch.tensor([0, 255, 0], dtype=torch.uint8)[:, None, None].expand(3, 24, 24)
+    assert wide.shape == (3, 24, 24) and torch.equal(wide, green)  # the red and blue side bands are cropped off
     tall_x = source.train_plain[paths.index(str(tmp_path / "f" / "train" / "b" / "tall.png"))][0]
     assert tall_x.shape == (3, 24, 24)
     # halved to 24 x 36, the 24 central rows kept: green, with only a bilinear blend at the first and last row
@@ -583,3 +587,15 @@ def test_model_kwargs_refuse_non_square_images():
     with pytest.raises(InvalidArgument, match="non-square images .*resize or crop them to a square"):
         info.model_kwargs()
     assert DatasetInfo("sq", 3, (3, 24, 24), (0.5,) * 3, (0.2,) * 3).model_kwargs()["image_size"] == 24
+
+
+def test_sources_plug_into_the_selection_loaders_data_views(pets):
+    loader = pytest.importorskip("dataselect.client.loader")
+    memory = open_dataset("synthetic", train_subset=64, label_noise=0.5)
+    data = loader.as_data(memory.train_tensors, augment=memory.augment_batch)
+    assert isinstance(data, loader.TensorData) and torch.equal(data.labels, memory.train_labels)
+    lazy = open_dataset(f"imagefolder:{pets}", label_noise=0.5)
+    data = loader.as_data(lazy.train, plain=lazy.train_plain, labels=lazy.train_labels, num_workers=2)
+    assert isinstance(data, loader.LoaderData) and torch.equal(data.labels, lazy.train_labels)
+    x, y, ids = data.fetch(torch.tensor([3, 17]))
+    assert x.shape == (2, 3, 24, 24) and torch.equal(y, lazy.train_labels[[3, 17]]) and ids.tolist() == [3, 17]
