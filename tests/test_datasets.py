@@ -599,3 +599,18 @@ def test_sources_plug_into_the_selection_loaders_data_views(pets):
     assert isinstance(data, loader.LoaderData) and torch.equal(data.labels, lazy.train_labels)
     x, y, ids = data.fetch(torch.tensor([3, 17]))
     assert x.shape == (2, 3, 24, 24) and torch.equal(y, lazy.train_labels[[3, 17]]) and ids.tolist() == [3, 17]
+
+
+def test_lazy_datasets_pickle_for_spawned_workers(pets, tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    make_cifar(tmp_path / "c")
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    folder = open_dataset(f"imagefolder:{pets}", train_subset=10, test_subset=4, label_noise=0.3, imbalance=2)
+    cifar = open_dataset("torchvision:CIFAR10", tmp_path / "c", download=False, train_subset=20)
+    for source in (folder, cifar):
+        for dataset in (source.train, source.train_plain, source.test):
+            copy = pickle.loads(pickle.dumps(dataset))
+            assert len(copy) == len(dataset)
+            assert torch.equal(copy[1][0], dataset[1][0]) or dataset is source.train  # train is augmented
+            assert copy[1][1] == dataset[1][1]
