@@ -1,10 +1,16 @@
-"""Random malformed requests against one real server: every call gets a status within its deadline,
-the server keeps serving, and nothing but a deliberately broken plugin produces INTERNAL."""
+"""Random malformed requests against one real server: every call gets an expected status within its
+deadline (never INTERNAL, never UNKNOWN), and a valid Select on the same server succeeds after every
+one of them. Classes covered: malformed tensors and pools, values that overflow later (extreme floats,
+progress fields, Report values), sessions and options (deep, non-finite or huge JSON, long names, model
+arguments), checkpoints (random, truncated, flipped, compressed, sparse, huge weights, paths that escape,
+loop or are too long) and bodies that are not messages at all."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import zipfile
 
 import grpc
 import pytest
@@ -22,18 +28,25 @@ from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
 KWARGS = dict(num_classes=10, in_channels=1, image_size=8)
 DEADLINE = 10.0
-EXAMPLES = 130  # per test; four tests: > 500 requests in all
+EXAMPLES = 115  # per test; five fuzz tests: > 500 malformed requests in all
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 C = grpc.StatusCode
 ALLOWED = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.RESOURCE_EXHAUSTED}
-CALLS = {"n": 0}
+CALLS = {"n": 0, "malformed": 0, "checked": 0}
+#: The stub and a ready session, for the valid Select after every fuzzed call.
+STATE: dict = {}
 
 
 @pytest.fixture(scope="module")
-def server():
-    with serve(port=0, max_message_bytes=1 * 2**20, workers=2) as running:
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    os.symlink("loop-b", root / "loop-a")
+    os.symlink("loop-a", root / "loop-b")
+    os.symlink("/", root / "escape")
+    with serve(port=0, max_message_bytes=1 * 2**20, workers=2, checkpoint_dir=root,
+               session_memory=64 * 2**20) as running:
         yield running
 
 
@@ -56,11 +69,21 @@ def sessions(stub):
             timeout=DEADLINE).session_id
     stub.UploadCheckpoint(iter([pb.CheckpointChunk(session_id=out["ready"], version=1, data=data)]), timeout=DEADLINE)
     out["_checkpoint"] = data
+    STATE.update(stub=stub, ready=out["ready"])
     return out
 
 
+def valid_select_succeeds():
+    ids, inputs, labels = good_pool(16, CALLS["n"] % 7)
+    resp = STATE["stub"].Select(pb.SelectRequest(session_id=STATE["ready"], ids=ids, inputs=inputs, labels=labels,
+                                                 budget=4), timeout=DEADLINE)
+    assert resp.selected_ids.shape == [4]
+    CALLS["checked"] += 1
+
+
 def call(fn, request):
-    """Every call ends within the deadline with an expected status: never INTERNAL, never a hang."""
+    """Every call ends within the deadline with an expected status (never INTERNAL or UNKNOWN, never a
+    hang, a bounded message), and a valid Select on the same server succeeds right after it."""
     CALLS["n"] += 1
     try:
         fn(request, timeout=DEADLINE)
@@ -70,7 +93,9 @@ def call(fn, request):
     assert code != C.DEADLINE_EXCEEDED, "the server hung past the deadline"
     assert code in ALLOWED, f"{code}: {details}"
     if code != C.OK:
-        assert details and "Traceback" not in details
+        CALLS["malformed"] += 1
+        assert details and "Traceback" not in details and len(details.encode()) <= 1024
+    valid_select_succeeds()
 
 
 dtypes = st.sampled_from(list(DTYPES) + ["", "complex64", "float8", "int64 ", "\x00"])
@@ -112,7 +137,20 @@ def good_pool(n, seed):
             codec.encode(torch.randint(0, 10, (n,), generator=g)))
 
 
-session_names = st.sampled_from(["ready", "random", "fresh", "", "nope", "x" * 200, "\u00e9\u0000"])
+session_names = st.sampled_from(["ready", "random", "fresh", "", "nope", "x" * 200, "\u00e9\u0000", "y" * 100_000])
+#: Floats that pass a finiteness check but overflow float32 arithmetic (or are not finite at all).
+EXTREME = st.sampled_from([1e300, -1e300, 3e38, -3e38, 1e7, float("nan"), float("inf"), 65504.0, 0.5])
+
+
+@st.composite
+def extreme_inputs(draw, n):
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
+    x = torch.rand(n, 1, 8, 8, dtype=torch.float64)
+    for _ in range(draw(st.integers(1, 3))):
+        x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(EXTREME)
+    from dataselect import codec
+
+    return codec.encode(x.to(dtype))
 
 
 @FUZZ
@@ -125,14 +163,19 @@ def test_fuzz_select(stub, sessions, data):
                            budget=data.draw(st.integers(-5, 50) | st.sampled_from([2**63 - 1, -(2**63)])),
                            return_scores=data.draw(st.booleans()),
                            policy=data.draw(st.sampled_from(["", "topk", "sample", "bogus"])),
-                           progress=pb.Progress(epoch=data.draw(st.integers(-3, 3)),
+                           progress=pb.Progress(epoch=data.draw(st.integers(-3, 3) | st.sampled_from([2**31 - 1])),
+                                                total_epochs=data.draw(st.sampled_from([0, 4, 2**31 - 1])),
                                                 fraction=data.draw(st.floats(allow_nan=True))))
     for field, good in (("ids", ids), ("inputs", inputs), ("labels", labels)):
-        choice = data.draw(st.sampled_from(["good", "good", "fuzz", "absent"]))
-        if choice == "good":
+        choice = data.draw(st.sampled_from(["good", "good", "fuzz", "absent", "extreme", "huge-empty"]))
+        if choice == "good" or (choice == "extreme" and (field != "inputs" or n == 0)):
             getattr(req, field).CopyFrom(good)
         elif choice == "fuzz":
             getattr(req, field).CopyFrom(data.draw(tensors(good)))
+        elif choice == "extreme":
+            getattr(req, field).CopyFrom(data.draw(extreme_inputs(n)))
+        elif choice == "huge-empty":
+            getattr(req, field).CopyFrom(pb.Tensor(dtype="uint8", shape=[0, 2**62, 2**62]))
     if data.draw(st.booleans()):
         call(stub.Select, req)
     else:
@@ -144,14 +187,20 @@ def test_fuzz_select(stub, sessions, data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_open_session(stub, data):
+    deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
     kwargs = data.draw(st.sampled_from([json.dumps(KWARGS), "", "{", "[]", "null", json.dumps({**KWARGS, "hidden": -3}),
                                         json.dumps({**KWARGS, "in_channels": 0}), json.dumps({"image_size": "big"}),
-                                        json.dumps({**KWARGS, "num_classes": 3})]))
-    options = data.draw(st.sampled_from(["", "{}", "{", "1", '{"x": 1}', '{"scope": 3}', '{"scope": "full"}'])
+                                        json.dumps({**KWARGS, "num_classes": 3}), json.dumps({**KWARGS, "std": [0]}),
+                                        json.dumps({**KWARGS, "std": [-2]}), json.dumps({**KWARGS, "mean": [1e300]}),
+                                        '{"std": [NaN]}', json.dumps({**KWARGS, "hidden": 10**6}),
+                                        json.dumps({**KWARGS, "image_size": 10**6}), deep, '{"x": ' + "7" * 6000 + "}"]))
+    options = data.draw(st.sampled_from(["", "{}", "{", "1", '{"x": 1}', '{"scope": 3}', '{"scope": "full"}', deep,
+                                         '{"beta": NaN}', '{"beta": Infinity}', '{"warmup_epochs": 1000000000000}',
+                                         '{"schedule": "power"}', "x" * 70_000])
                         | st.text(max_size=30))
     from dataselect.plugins import selectors
 
-    strategy = data.draw(st.sampled_from(sorted(selectors()) + ["", "nope"]))
+    strategy = data.draw(st.sampled_from(sorted(selectors()) + ["", "nope", "s" * 300_000]))
     req = pb.OpenSessionRequest(strategy=strategy, options_json=options,
                                 model=pb.ModelSpec(name=data.draw(st.sampled_from(["mlp", "cnn-small", "", "nope"])),
                                                    kwargs_json=kwargs),
@@ -164,15 +213,28 @@ def test_fuzz_open_session(stub, data):
         resp = stub.OpenSession(req, timeout=DEADLINE)
     except grpc.RpcError as exc:
         assert exc.code() in ALLOWED, f"{exc.code()}: {exc.details()}"
+        assert len(exc.details().encode()) <= 1024
+        CALLS["malformed"] += 1
+        valid_select_succeeds()
         return
+    if strategy == "mrmc":  # an option accepted at open must not fail later
+        call(stub.Report, pb.ReportRequest(session_id=resp.session_id, ids=good_pool(4, 0)[0],
+                                           losses=codec_encode(torch.rand(4))))
     stub.CloseSession(pb.CloseSessionRequest(session_id=resp.session_id), timeout=DEADLINE)
+    valid_select_succeeds()
+
+
+def codec_encode(t):
+    from dataselect import codec
+
+    return codec.encode(t)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzz_upload_checkpoint(stub, sessions, data):
     good = sessions["_checkpoint"]
-    kind = data.draw(st.sampled_from(["random", "truncated", "flipped", "object", "path"]))
+    kind = data.draw(st.sampled_from(["random", "truncated", "flipped", "object", "path", "compressed", "tensors"]))
     path = ""
     if kind == "random":
         payload = data.draw(st.binary(max_size=2000))
@@ -186,8 +248,31 @@ def test_fuzz_upload_checkpoint(stub, sessions, data):
         torch.save(data.draw(st.sampled_from([{}, [], 3, {"state_dict": []}, {"state_dict": {1: torch.zeros(2)}},
                                               {"state_dict": {"w": torch.zeros(2)}, "model": 5}])), buf)
         payload = buf.getvalue()
+    elif kind == "compressed":
+        src, out = zipfile.ZipFile(io.BytesIO(good)), io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+            for info in src.infolist():
+                z.writestr(info.filename, src.read(info.filename))
+        payload = out.getvalue()
+    elif kind == "tensors":
+        state = {k: v.clone() for k, v in build_model("mlp", **KWARGS).state_dict().items()}
+        key = data.draw(st.sampled_from(sorted(state)))
+        change = data.draw(st.sampled_from(["huge", "-huge", "sparse", "complex", "half-huge"]))
+        if change == "huge":
+            state[key] = torch.full_like(state[key], 3e38)
+        elif change == "-huge":
+            state[key] = torch.full_like(state[key], -1e30)
+        elif change == "half-huge":
+            state[key] = torch.full_like(state[key], 6e4).half()
+        elif change == "sparse":
+            state[key] = state[key].to_sparse()
+        else:
+            state[key] = state[key].to(torch.complex64)
+        payload = to_bytes({"format": "dataselect.checkpoint/1", "model": "mlp", "state_dict": state})
     else:
-        payload, path = b"", data.draw(st.text(max_size=40))
+        payload = b""
+        path = data.draw(st.text(max_size=40) | st.sampled_from(["loop-a", "loop-b/x", "escape/etc/passwd", "a" * 300,
+                                                                  "b/" * 3000, "../../x"]))
     name = data.draw(st.sampled_from(["fresh", "", "nope"]))
     sid = sessions.get(name, name)
     size = data.draw(st.integers(1, 700) if len(payload) < 4096 else st.integers(512, 70_000))
@@ -213,8 +298,38 @@ def test_fuzz_report_and_close(stub, sessions, data):
     call(stub.Report, req)
 
 
+# -- bodies that are not messages ------------------------------------------------------------------
+METHODS = {"Select": "unary", "OpenSession": "unary", "Report": "unary", "CloseSession": "unary", "Describe": "unary",
+           "SelectStream": "stream", "UploadCheckpoint": "stream"}
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_raw_bodies(server, stub, sessions, data):
+    method = data.draw(st.sampled_from(sorted(METHODS)))
+    kind = data.draw(st.sampled_from(["random", "truncated", "bad-utf8"]))
+    ids, inputs, labels = good_pool(8, 0)
+    good = pb.SelectRequest(session_id=sessions["ready"], ids=ids, inputs=inputs, labels=labels, budget=2)
+    if kind == "random":
+        body = data.draw(st.binary(min_size=1, max_size=200))
+    elif kind == "truncated":
+        whole = good.SerializeToString()
+        body = whole[:data.draw(st.integers(1, len(whole) - 1))]
+    else:
+        body = b"\x0a\x02" + data.draw(st.sampled_from([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0"]))
+    with grpc.insecure_channel(server.address) as ch:
+        path = f"/dataselect.v1.Selection/{method}"
+        if METHODS[method] == "unary":
+            call(ch.unary_unary(path), body)
+        else:
+            first = [] if data.draw(st.booleans()) else [pb.SelectRequest(session_id=sessions["ready"], budget=2)
+                                                          .SerializeToString()]
+            call(ch.stream_unary(path), iter(first + [body]))
+
+
 def test_zz_server_still_serving_after_the_fuzz(server, stub, sessions):
-    assert CALLS["n"] >= 500, CALLS["n"]
+    assert CALLS["malformed"] >= 500, CALLS
+    assert CALLS["checked"] >= CALLS["n"], CALLS
     with grpc.insecure_channel(server.address) as ch:
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=DEADLINE)
     assert resp.status == health_pb2.HealthCheckResponse.SERVING

@@ -128,6 +128,38 @@ def test_retry_mode_gives_up_after_its_budget(servers, model):
         assert time.monotonic() - t0 < 15
 
 
+def test_one_retry_budget_per_outage_shared_by_every_call(servers, model):
+    """--retry-seconds bounds the whole outage: the calls that meet it one after another (a push, then the
+    Selects queued behind it) share one budget instead of each waiting its own."""
+    server = servers("--port", "0")
+    address = server.wait_for_address()
+    with RemoteScorer(address, SPEC, retry_seconds=1.5) as remote:
+        remote.push_checkpoint(model, version=1, step=0)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(timeout=STOP_TIMEOUT)
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="gave up reconnecting"):
+            remote.push_checkpoint(model, version=2, step=1)
+        for _ in range(3):
+            with pytest.raises(ServerUnavailable, match="gave up reconnecting"):
+                remote.select(*pool(), 8, Progress())
+        assert time.monotonic() - t0 < 1.5 + 2.0
+
+
+@pytest.mark.parametrize("address,words", [("localhost50051", ("no port", "localhost:50051")),
+                                           ("http://127.0.0.1:50051", ("URL", "http://")),
+                                           ("127.0.0.1:99999", ("port 1-65535",)), ("", ("empty",))])
+def test_a_malformed_address_fails_at_once(address, words):
+    from dataselect.errors import InvalidArgument
+
+    t0 = time.monotonic()
+    with pytest.raises(InvalidArgument) as err:
+        RemoteScorer(address, SPEC, connect_timeout=30)
+    assert time.monotonic() - t0 < 1.0  # no connection attempt
+    for word in words:
+        assert word in str(err.value)
+
+
 SLOW_PLUGIN = textwrap.dedent('''
     import os, pathlib, time
     from dataselect.plugins.base import Selector

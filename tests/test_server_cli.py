@@ -87,6 +87,9 @@ def test_serves_health_and_stops_cleanly_on_sigterm(started):
                             capture_output=True, text=True, timeout=START_TIMEOUT)
     assert second.returncode != 0
     assert "--port" in second.stderr and "Traceback" not in second.stderr
+    # One line, ours: grpc's own "add_port ... Failed to add port" log line no longer comes first.
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "in use" in lines[0], second.stderr
 
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=STOP_TIMEOUT) == 0
