@@ -198,6 +198,9 @@ class _Accumulator:
 
     def take(self, n: int):
         """(positions, inputs or None, labels, ids, weights) of the first `n` buffered samples."""
+        if len(self.parts) == 1 and n == self.size:  # one pool filled the batch exactly (exact budgets): no copies
+            part, self.parts, self.size = self.parts[0], [], 0
+            return part
         pos = torch.cat([p[0] for p in self.parts])
         has_x = all(p[1] is not None for p in self.parts)
         x = torch.cat([p[1] for p in self.parts]) if has_x else None
