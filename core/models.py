@@ -276,6 +276,10 @@ class ScoringModel:
 
     def __init__(self, module: nn.Module, *, last_layer: str | None = None):
         self.module = module
+        #: An exported program (`dataselect.exported.ExportedModel`) knows its final layer and features itself.
+        self.exported = callable(getattr(module, "features_logits", None)) and hasattr(module, "final_layer")
+        if self.exported:
+            last_layer = None
         self.last_layer = last_layer
         #: Registry models (and wrapped ones) are known to take uint8 or [0, 1] float images.
         self.takes_images = isinstance(module, (Classifier, Normalized))
@@ -285,6 +289,8 @@ class ScoringModel:
         self._unchecked_protocol = candidate and not self.protocol
         self._linear: nn.Linear | None = module.classifier if self.protocol else None
         self._linear_name: str | None = "classifier" if self.protocol else None
+        if self.exported:
+            self._linear, self._linear_name = module.final_layer, module.last_layer
         if last_layer is not None:
             named = dict(module.named_modules()).get(last_layer)
             if not isinstance(named, nn.Linear):
@@ -310,6 +316,8 @@ class ScoringModel:
 
     def features_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate features `[N, D]` (the final linear layer's input) and logits."""
+        if self.exported:
+            return self.module.features_logits(x)
         if self._unchecked_protocol:
             self._check_protocol(x)
         if self.protocol:
