@@ -55,7 +55,8 @@ class MicroBatch(click.ParamType):
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1), help="Threads serving RPCs.")
 @click.option("--grace-seconds", default=10.0, show_default=True, type=click.FloatRange(0),
-              help="On shutdown, how long calls in flight may finish.")
+              help="On SIGTERM/Ctrl-C: health turns NOT_SERVING and new calls are refused, calls in flight get "
+                   "this long to finish, then they are cancelled and the process exits.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="Calls that may wait for a scoring worker; more get RESOURCE_EXHAUSTED at once.")
 @click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(1), help="Open sessions at most.")
