@@ -1,0 +1,776 @@
+"""Overlapped (stale) scoring: why it can collapse training, and which fix keeps the model.
+
+With overlap the scorer chooses the samples for step t while the trainer runs
+step t-1, so the pool is scored with weights one step old (up to N steps at
+`--sync-every N`). This script reproduces that in a plain loop that mimics the
+trainer's online mode exactly (same shuffle, candidate pools of
+ceil(batch / fraction) samples, budget round(pool x fraction), cnn-small, SGD
+lr 0.05 momentum 0.9, batch 64) and measures candidate fixes against fresh
+scoring. Everything runs on the CPU with one thread, one training at a time.
+
+The simulated scorer holds a copy of the weights from the last push; pushes
+happen every `--sync-every` steps, and with overlap the pools needed for the
+next batch are scored as soon as they are asked for, one batch ahead (for a
+variable-size strategy, ceil(batch / mean kept per pool) pools ahead), in the
+order the trainer's scoring pipeline runs them.
+
+Subcommands (each writes under --out, default docs/results/overlap_study):
+
+  grid     runs strategy x fraction x seed x fix cells; one JSON line per run in
+           runs.jsonl, written as soon as the run ends; cells already there are
+           skipped, so an interrupted study loses nothing.
+  trace    one run per fix with per-step diagnostics of the chosen batches (class
+           mix, loss under the scoring and the current model, gradient norm,
+           predicted-class distribution and dead ReLUs on 1,000 test images,
+           agreement with what fresh scoring would have chosen): trace_*.json
+           and a PNG.
+  report   tables (Markdown) from runs.jsonl: accuracy against fresh scoring per
+           cell and seed, the hidden share of scoring, the costs.
+  check    the real trainer (`dataselect-train`) against this loop, one cell.
+  ci       the proposed CI collapse test as a timed probe on a few thousand
+           MNIST images: plain one-step-stale high_loss against the fix.
+
+Fixes (`--fixes`, comma-separated; parts of one fix joined by '+'):
+
+  fresh          no overlap: every pool scored with the current weights.
+  stale          overlap from the first step (today's default with a server).
+  warm=K         fresh scoring for the first K steps, then overlap.
+  auto=TAU       fresh scoring until the pool loss settles, then overlap. The
+                 scorer returns each pool's mean loss; E is its exponential
+                 moving average over pools (alpha 2/11); after at least 20 steps,
+                 overlap starts at the first pool where (E[-11] - E[-1]) /
+                 (E[-11] x steps between them) < TAU: the loss falls by less
+                 than a share TAU of itself per step.
+  rerank=M       the scorer proposes the M x budget best candidates by stale
+                 score; the trainer computes their losses with the current
+                 weights (a forward pass, no gradient) and trains the budget
+                 with the highest fresh losses. Selective Backprop: candidates
+                 are kept with probability min(1, M p_stale) and accepted with
+                 probability p_fresh / min(1, M p_stale) (p from fresh losses).
+  mix=R          a share R of each stale batch is drawn uniformly from the rest
+                 of the pool.
+  anneal=K       the selected fraction rises linearly from 1 to --fraction over
+                 the first K steps (Selective Backprop: beta from 0 to 3).
+  guard=SIG:THR  divergence detection: after every overlapped step the trainer
+                 compares the chosen batch's losses from its own forward pass
+                 (current weights) with the scorer's (stale) ones; SIG=ratio
+                 falls back to fresh scoring while the 5-step mean of
+                 fresh/stale mean loss is below THR, and for 20 steps after.
+
+Examples:
+
+  python benchmarks/overlap_study.py grid --strategies high_loss --fractions 0.25 --seeds 1,2,3 --fixes fresh,stale
+  python benchmarks/overlap_study.py trace --strategy high_loss --fraction 0.25 --seed 1 --fixes fresh,stale
+  python benchmarks/overlap_study.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STRATEGIES = ("high_loss", "high_gradient", "high_influence", "selective_backprop")
+#: The scoring signal of each strategy (Selective Backprop keeps by loss percentile).
+SIGNAL = {"high_loss": "loss", "high_gradient": "grad_norm_last", "high_influence": "input_grad_norm",
+          "selective_backprop": "loss"}
+VARIABLE_SIZE = {"selective_backprop"}
+MODEL_KWARGS = dict(num_classes=10, in_channels=1, image_size=28, mean=[0.1307], std=[0.3081])
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "overlap_study"
+#: Steps of the adaptive rule's look-back and its minimum fresh phase.
+AUTO_WINDOW = 10
+AUTO_MIN_STEPS = 20
+#: Selective Backprop (Jiang et al., 2019): kept with probability percentile(loss)^beta over recent losses.
+SB_BETA = 3.0
+SB_HISTORY = 1024
+#: Guard: steps averaged, and fresh steps after the signal recovers.
+GUARD_WINDOW = 5
+GUARD_HOLD = 20
+
+
+# -- configuration ----------------------------------------------------------------------------------
+@dataclass
+class Fix:
+    """One candidate fix, parsed from e.g. 'auto=0.01+rerank=2'."""
+
+    spec: str
+    overlap: bool = True
+    warm_steps: int = 0
+    auto_tau: float | None = None
+    rerank: float = 0.0
+    mix: float = 0.0
+    anneal: int = 0
+    guard: tuple[str, float] | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fix":
+        fix = cls(spec=spec)
+        for part in spec.split("+"):
+            key, _, value = part.partition("=")
+            try:
+                if key == "fresh" and not value:
+                    fix.overlap = False
+                elif key == "stale" and not value:
+                    pass
+                elif key == "warm":
+                    fix.warm_steps = int(value)
+                elif key == "auto":
+                    fix.auto_tau = float(value)
+                elif key == "rerank":
+                    fix.rerank = float(value)
+                    if fix.rerank < 1:
+                        raise ValueError("rerank needs M >= 1")
+                elif key == "mix":
+                    fix.mix = float(value)
+                    if not 0.0 <= fix.mix <= 1.0:
+                        raise ValueError("mix is a share in [0, 1]")
+                elif key == "anneal":
+                    fix.anneal = int(value)
+                elif key == "guard":
+                    sig, _, thr = value.partition(":")
+                    if sig not in ("ratio",):
+                        raise ValueError("guard signal must be 'ratio'")
+                    fix.guard = (sig, float(thr))
+                else:
+                    raise ValueError(f"unknown part {part!r}")
+            except ValueError as exc:
+                raise SystemExit(f"--fixes: cannot read {spec!r}: {exc}; see --help for the forms") from None
+        return fix
+
+
+@dataclass
+class RunConfig:
+    strategy: str
+    fraction: float
+    seed: int
+    fix: str
+    sync_every: int = 1
+    train_subset: int = 30000
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    #: Selective Backprop: "reference" (percentile counts losses < l, no cap, may keep none; Jiang et al.'s
+    #: code) or "capped" (<= l, at most the budget by percentile, the top loss when none is kept).
+    sb_rule: str = "reference"
+
+    def key(self) -> str:
+        return (f"{self.strategy}|{self.fraction:g}|{self.seed}|{self.fix}|sync{self.sync_every}|n{self.train_subset}"
+                f"|{self.sb_rule if self.strategy in VARIABLE_SIZE else '-'}")
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+class SelectiveBackprop:
+    """Keep each candidate with probability percentile(loss)^beta over the last `history` losses."""
+
+    def __init__(self, generator, rule: str = "reference", beta: float = SB_BETA, history: int = SB_HISTORY):
+        self.hist: deque[float] = deque(maxlen=history)
+        self.generator, self.rule, self.beta = generator, rule, beta
+
+    def probabilities(self, loss, beta: float | None = None, *, record: bool = True):
+        import torch
+
+        if record:  # the pool's losses join the history first, as in the authors' code
+            self.hist.extend(loss.double().tolist())
+        h = torch.tensor(list(self.hist), dtype=torch.float64).sort().values
+        pct = torch.searchsorted(h, loss.double(), right=self.rule == "capped").double() / max(1, h.numel())
+        return pct.pow(self.beta if beta is None else beta), pct
+
+    def select(self, loss, budget: int, beta: float | None = None):
+        import torch
+
+        p, pct = self.probabilities(loss, beta)
+        draw = torch.rand(loss.numel(), generator=self.generator, dtype=torch.float64)
+        kept = torch.nonzero(draw < p, as_tuple=True)[0]
+        if self.rule == "capped":
+            if kept.numel() == 0:
+                kept = loss.argmax().view(1)
+            elif kept.numel() > budget:
+                kept = kept[torch.argsort(pct[kept], descending=True, stable=True)[:budget]]
+        return kept, p
+
+
+def topk(scores, k: int):
+    """`dataselect.plugins.policies.topk`'s rule: highest first, ties by pool order."""
+    import torch
+
+    return torch.argsort(scores, descending=True, stable=True)[:k]
+
+
+class Probe:
+    """Diagnostics on a fixed probe set: predicted-class distribution, dead ReLUs, accuracy and loss."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __call__(self, model) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        acts: list = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: acts.append(out.detach().clone()))
+                 for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+        try:
+            with torch.no_grad():
+                logits = model(self.x)
+        finally:
+            for h in hooks:
+                h.remove()
+        pred = logits.argmax(1)
+        dead = []
+        for a in acts:  # a unit (conv: a channel) is dead when it is zero on every probe image and position
+            a = a.transpose(0, 1).reshape(a.shape[1], -1)
+            dead.append(float((a.amax(1) <= 0).float().mean()))
+        return {"pred_dist": torch.bincount(pred, minlength=10).div(len(pred)).tolist(),
+                "probe_acc": float((pred == self.y).float().mean()),
+                "probe_loss": float(F.cross_entropy(logits, self.y)),
+                "dead_relu": dead}
+
+
+def evaluate(model, x, y, micro: int = 1024) -> tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+
+    correct, total_loss = 0, 0.0
+    with torch.no_grad():
+        for s in range(0, len(y), micro):
+            logits = model(x[s:s + micro])
+            correct += int((logits.argmax(1) == y[s:s + micro]).sum())
+            total_loss += float(F.cross_entropy(logits, y[s:s + micro], reduction="sum"))
+    return correct / len(y), total_loss / len(y)
+
+
+def score(model, x, y, strategy: str) -> dict:
+    """The scorer's reply for a pool: the strategy's signal and the loss (for the adaptive rules)."""
+    from dataselect.engine import compute_signals
+
+    wanted = {"loss", SIGNAL[strategy]}
+    return compute_signals(model, x, y, wanted, device="cpu")
+
+
+def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
+    """One epoch of online selection under `cfg`; returns the summary (and the per-step trace when asked)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dataselect.models import build_model
+
+    fix = Fix.parse(cfg.fix)
+    strategy = cfg.strategy
+    variable = strategy in VARIABLE_SIZE
+    torch.manual_seed(cfg.seed)
+    model = build_model("cnn-small", **MODEL_KWARGS)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    scorer = build_model("cnn-small", **MODEL_KWARGS)
+    scorer.load_state_dict(model.state_dict())
+    scorer_step = 0  # the step whose weights the scorer holds
+    gen = torch.Generator().manual_seed(cfg.seed)  # Selective Backprop's draws, random mixing
+    sb = SelectiveBackprop(torch.Generator().manual_seed(cfg.seed + 7), cfg.sb_rule) if variable else None
+    xs, ys = data.train.inputs, data.train.labels
+    n = len(ys)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    bs = cfg.batch_size
+
+    # Phase: "fresh" (score with the current weights when the pool is used) or "overlap".
+    overlap_phase = fix.overlap and fix.warm_steps == 0 and fix.auto_tau is None
+    initial_steps: int | None = 0 if overlap_phase else None  # steps of the initial fresh phase
+    guard_fresh_until = -1
+    guard_hist: deque[float] = deque(maxlen=GUARD_WINDOW)
+    guard_events: list[int] = []
+    ema: list[tuple[int, float]] = []
+    steps = 0
+    cursor = 0
+    pending: deque[dict] = deque()
+    buffer: list[tuple] = []  # (positions, weights or None, stale loss, fresh loss or None)
+    buffered = 0
+    kept_total, pools_total = 0, 0
+    counts = {"pools": 0, "pools_fresh": 0, "pools_hidden": 0, "pools_fresh_after_initial": 0,
+              "pools_rescored": 0, "rerank_forward_samples": 0, "samples_trained": 0, "samples_scored": 0}
+    secs = {"train": 0.0, "score": 0.0, "rerank": 0.0}
+    steps_trace: list[dict] = []
+    digest = hashlib.sha256()
+    loss_curve: list[tuple[int, float]] = []
+
+    def fraction_now() -> float:
+        if fix.anneal and not variable:
+            return cfg.fraction + (1.0 - cfg.fraction) * max(0.0, 1.0 - steps / fix.anneal)
+        return cfg.fraction
+
+    def beta_now() -> float:
+        if fix.anneal and variable:
+            return SB_BETA * min(1.0, steps / fix.anneal)
+        return SB_BETA
+
+    def next_pool() -> dict | None:
+        nonlocal cursor
+        if cursor >= n:
+            return None
+        f = fraction_now()
+        size = math.ceil(bs / f)
+        pos = order[cursor:cursor + size]
+        cursor += len(pos)
+        budget = len(pos) if variable else max(1, round(len(pos) * f))
+        return {"pos": pos, "budget": budget, "fraction": f}
+
+    def do_score(pool: dict, current: bool) -> None:
+        """Score `pool` with the scorer's weights, pushing the current ones first when `current`."""
+        nonlocal scorer_step
+        if current and scorer_step != steps:
+            scorer.load_state_dict(model.state_dict())
+            scorer_step = steps
+        t0 = time.perf_counter()
+        sig = score(scorer, xs[pool["pos"]], ys[pool["pos"]], strategy)
+        secs["score"] += time.perf_counter() - t0
+        pool.update(signals=sig, scored_at=scorer_step, scored_when=steps, overlapped=not current)
+        counts["samples_scored"] += len(pool["pos"])
+
+    def choose(pool: dict) -> tuple:
+        """The rows of `pool` to train on, their weights, the scorer's losses and (re-rank) fresh losses."""
+        sig = pool["signals"]
+        s = sig[SIGNAL[strategy]]
+        stale_loss = sig["loss"]
+        budget = pool["budget"]
+        fresh = None
+        stale_now = pool["scored_at"] != steps
+        if variable:
+            if fix.rerank and stale_now:
+                p_stale, _ = sb.probabilities(stale_loss, beta_now())
+                q = (fix.rerank * p_stale).clamp(max=1.0)
+                cand = torch.nonzero(torch.rand(len(q), generator=sb.generator, dtype=torch.float64) < q,
+                                     as_tuple=True)[0]
+                fresh = fresh_losses(pool["pos"][cand])
+                p_fresh, _ = sb.probabilities(fresh, beta_now(), record=False)
+                accept = torch.rand(len(cand), generator=sb.generator, dtype=torch.float64) < (p_fresh / q[cand])
+                rows, fresh = cand[accept], fresh[accept]
+            else:
+                rows, _ = sb.select(s, budget, beta_now())
+            return rows, None, stale_loss[rows], fresh
+        if fix.rerank and stale_now:
+            m = min(len(s), max(budget, round(fix.rerank * budget)))
+            cand = topk(s, m)
+            fresh = fresh_losses(pool["pos"][cand])
+            pick = topk(fresh, budget)
+            return cand[pick], None, stale_loss[cand[pick]], fresh[pick]
+        if fix.mix and stale_now:
+            n_rand = round(fix.mix * budget)
+            top = topk(s, budget - n_rand)
+            rest = torch.ones(len(s), dtype=torch.bool)
+            rest[top] = False
+            others = torch.nonzero(rest, as_tuple=True)[0]
+            extra = others[torch.randperm(len(others), generator=gen)[:n_rand]]
+            rows = torch.cat([top, extra])
+            return rows, None, stale_loss[rows], None
+        rows = topk(s, budget)
+        return rows, None, stale_loss[rows], None
+
+    def fresh_losses(pos):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = F.cross_entropy(model(xs[pos]), ys[pos], reduction="none")
+        secs["rerank"] += time.perf_counter() - t0
+        counts["rerank_forward_samples"] += len(pos)
+        return out
+
+    def in_fresh_phase() -> bool:
+        return not overlap_phase or steps < guard_fresh_until
+
+    def train_step(parts: list[tuple]) -> None:
+        nonlocal steps, scorer_step, overlap_phase, initial_steps, guard_fresh_until
+        pos = torch.cat([p[0] for p in parts])
+        stale_l = torch.cat([p[2] for p in parts])
+        x, y = xs[pos], ys[pos]
+        rec: dict = {}
+        if trace is not None:
+            rec = trace_before(pos, parts)
+        t0 = time.perf_counter()
+        logits = model(x)
+        per = F.cross_entropy(logits, y, reduction="none")
+        loss = per.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if trace is not None:
+            rec["grad_norm"] = float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())))
+        opt.step()
+        secs["train"] += time.perf_counter() - t0
+        steps += 1
+        counts["samples_trained"] += len(pos)
+        digest.update(pos.long().numpy().tobytes())  # ids = positions in the training set, as the trainer's digest
+        fresh_mean, stale_mean = float(per.detach().mean()), float(stale_l.mean())
+        was_overlapped = any(p[4] for p in parts)
+        if was_overlapped:  # guard: only overlapped batches carry information about staleness
+            guard_hist.append(fresh_mean / max(stale_mean, 1e-12))
+            if fix.guard is not None and len(guard_hist) == GUARD_WINDOW:
+                if sum(guard_hist) / GUARD_WINDOW < fix.guard[1]:
+                    if steps >= guard_fresh_until:
+                        guard_events.append(steps)
+                    guard_fresh_until = steps + GUARD_HOLD
+                    guard_hist.clear()
+        if trace is not None:
+            rec.update(step=steps, batch_loss=fresh_mean, chosen_loss_scorer_mean=stale_mean,
+                       chosen_loss_scorer_max=float(stale_l.max()), chosen_loss_current_max=float(per.max()),
+                       overlapped=was_overlapped, staleness=max(steps - 1 - p[3] for p in parts))
+            rec.update(trace(model))
+            steps_trace.append(rec)
+        if steps % cfg.sync_every == 0:  # the trainer's push (fresh scoring pushes before it scores anyway)
+            scorer.load_state_dict(model.state_dict())
+            scorer_step = steps
+
+    def trace_before(pos, parts) -> dict:
+        """What fresh scoring would have chosen from the same pools, and the batch's class mix."""
+        with torch.no_grad():
+            cur = F.cross_entropy(model(xs[pos]), ys[pos], reduction="none")
+        return {"class_counts": torch.bincount(ys[pos], minlength=10).tolist(),
+                "chosen_loss_current_mean": float(cur.mean()),
+                "agreement": float(sum(p[5] for p in parts) / max(1, len(pos)))}
+
+    def agreement(pool: dict, rows) -> int:
+        """How many of `rows` fresh scoring would also have chosen (trace only; exact-budget strategies)."""
+        if trace is None or variable:
+            return 0
+        sig = score(model, xs[pool["pos"]], ys[pool["pos"]], strategy)
+        fresh_rows = topk(sig[SIGNAL[strategy]], pool["budget"])
+        return int(torch.isin(rows, fresh_rows).sum())
+
+    def after_pool_loss(pool: dict) -> None:
+        """The adaptive rule: switch to overlap once the pool loss falls by less than tau per step."""
+        nonlocal overlap_phase, initial_steps
+        m = float(pool["signals"]["loss"].mean())
+        loss_curve.append((steps, m))
+        if overlap_phase or fix.auto_tau is None or not fix.overlap:
+            return
+        alpha = 2.0 / (AUTO_WINDOW + 1)
+        ema.append((steps, m if not ema else alpha * m + (1 - alpha) * ema[-1][1]))
+        if steps >= AUTO_MIN_STEPS and len(ema) > AUTO_WINDOW:
+            (s_old, old), (s_new, new) = ema[-1 - AUTO_WINDOW], ema[-1]
+            if s_new > s_old and (old - new) / ((s_new - s_old) * old) < fix.auto_tau:
+                overlap_phase, initial_steps = True, steps
+
+    t_run = time.perf_counter()
+    while True:
+        if not overlap_phase and fix.overlap and fix.warm_steps and steps >= fix.warm_steps:
+            overlap_phase, initial_steps = True, steps
+        fresh_now = in_fresh_phase()
+        if not fresh_now:
+            ahead = 1 if not variable or kept_total == 0 else min(8, math.ceil(bs / max(kept_total / pools_total,
+                                                                                         1e-9)))
+            while len(pending) < 1 + ahead:
+                pool = next_pool()
+                if pool is None:
+                    break
+                do_score(pool, current=False)
+                pending.append(pool)
+        if not pending:
+            pool = next_pool()
+            if pool is None:
+                break
+            pending.append(pool)
+        pool = pending.popleft()
+        if fresh_now or "signals" not in pool:
+            if "signals" in pool:
+                counts["pools_rescored"] += 1
+            do_score(pool, current=True)
+            pool["overlapped"] = False
+        counts["pools"] += 1
+        if pool["overlapped"]:
+            counts["pools_hidden"] += 1
+        else:
+            counts["pools_fresh"] += 1
+            if initial_steps is not None:
+                counts["pools_fresh_after_initial"] += 1
+        after_pool_loss(pool)
+        rows, w, stale_l, _ = choose(pool)
+        kept_total += len(rows)
+        pools_total += 1
+        if len(rows):
+            buffer.append((pool["pos"][rows], w, stale_l, pool["scored_at"], pool["overlapped"],
+                           agreement(pool, rows)))
+            buffered += len(rows)
+        while buffered >= bs:
+            take, need = [], bs
+            while need:
+                p = buffer[0]
+                if len(p[0]) <= need:
+                    take.append(buffer.pop(0))
+                    need -= len(p[0])
+                else:
+                    take.append((p[0][:need], None, p[2][:need], p[3], p[4], 0))
+                    buffer[0] = (p[0][need:], None, p[2][need:], p[3], p[4], p[5])
+                    need = 0
+            buffered -= bs
+            train_step(take)
+    if buffered:
+        train_step(buffer)
+    wall = time.perf_counter() - t_run
+    acc, test_loss = evaluate(model, data.test.inputs, data.test.labels)
+    after = counts["pools_hidden"] + counts["pools_fresh_after_initial"]
+    out = {"key": cfg.key(), **asdict(cfg), "test_accuracy": acc, "test_loss": test_loss, "steps": steps,
+           **counts, "initial_fresh_steps": initial_steps if initial_steps is not None else steps,
+           "hidden_share_after_initial": counts["pools_hidden"] / after if after else 0.0,
+           "guard_events": guard_events, "mean_kept_per_pool": kept_total / max(1, pools_total),
+           "train_seconds": secs["train"], "score_seconds": secs["score"], "rerank_seconds": secs["rerank"],
+           "rerank_cost_per_step": secs["rerank"] / secs["train"] if secs["train"] else 0.0,
+           "wall_seconds": wall, "selection_sha256": digest.hexdigest(), "pool_loss_curve": loss_curve[::5], "torch_threads": torch.get_num_threads()}
+    if trace is not None:
+        out["trace"] = steps_trace
+    if log:
+        log(f"{cfg.key()}: accuracy {acc:.4f}, loss {test_loss:.3f}, {steps} steps, initial fresh "
+            f"{out['initial_fresh_steps']}, hidden {out['hidden_share_after_initial']:.2f}, {wall:.0f}s")
+    return out
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def load(train_subset: int, data_dir: str):
+    from dataselect.client.data import load_dataset
+
+    return load_dataset("mnist", data_dir, download=False, train_subset=train_subset)
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            keys.add(json.loads(line)["key"])
+    return keys
+
+
+def cmd_grid(args) -> None:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / args.file
+    done = done_keys(path)
+    cells = [RunConfig(s, f, seed, fx, sync_every=args.sync_every, train_subset=args.train_subset, sb_rule=args.sb_rule)
+             for fx in args.fixes for s in args.strategies for f in args.fractions for seed in args.seeds]
+    for fx in args.fixes:
+        Fix.parse(fx)
+    todo = [c for c in cells if c.key() not in done]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {path}, {len(todo)} to run", file=sys.stderr)
+    if not todo:
+        return
+    data = load(args.train_subset, args.data_dir)
+    for cfg in todo:
+        res = run(cfg, data, log=lambda m: print(m, file=sys.stderr, flush=True))
+        res["machine_load"] = os.getloadavg()[0]
+        with open(path, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
+
+
+def cmd_trace(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load(args.train_subset, args.data_dir)
+    probe = Probe(data.test.inputs[:1000], data.test.labels[:1000])
+    runs = {}
+    for fx in args.fixes:
+        cfg = RunConfig(args.strategy, args.fraction, args.seed, fx, sync_every=args.sync_every,
+                        train_subset=args.train_subset, sb_rule=args.sb_rule)
+        res = run(cfg, data, trace=probe, log=lambda m: print(m, file=sys.stderr, flush=True))
+        runs[fx] = res
+    stem = f"trace_{args.strategy}_f{args.fraction:g}_s{args.seed}_sync{args.sync_every}"
+    (out / f"{stem}.json").write_text(json.dumps(runs))
+    plot_trace(runs, out / f"{stem}.png", title=f"{args.strategy}, fraction {args.fraction:g}, seed {args.seed}",
+               steps=args.plot_steps)
+    print(f"wrote {out / stem}.json and .png", file=sys.stderr)
+
+
+def plot_trace(runs: dict, path: Path, title: str, steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("probe_loss", "test loss (1,000 images)"),
+              ("batch_loss", "chosen batch: loss, current weights"),
+              ("chosen_loss_scorer_mean", "chosen batch: loss, scoring weights"),
+              ("grad_norm", "gradient norm of the step"),
+              ("top_class_share", "chosen batch: share of its commonest class"),
+              ("pred_top_share", "test predictions: share of the commonest class"),
+              ("dead_fc", "dead ReLUs, hidden layer (share)"),
+              ("agreement", "chosen batch: share fresh scoring also picks")]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    for ax, (key, label) in zip(axes.flat, panels):
+        for name, res in runs.items():
+            tr = res["trace"][:steps]
+            xs = [r["step"] for r in tr]
+            if key == "top_class_share":
+                ys = [max(r["class_counts"]) / max(1, sum(r["class_counts"])) for r in tr]
+            elif key == "pred_top_share":
+                ys = [max(r["pred_dist"]) for r in tr]
+            elif key == "dead_fc":
+                ys = [r["dead_relu"][-1] for r in tr]
+            else:
+                ys = [r[key] for r in tr]
+            ax.plot(xs, ys, label=f"{name} (acc {res['test_accuracy']:.3f})", lw=1)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def cmd_check(args) -> None:
+    """This loop against `dataselect-train` on one cell, overlap on and off."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load(args.train_subset, args.data_dir)
+    rows = []
+    for flag, fx in (("--overlap", "stale"), ("--no-overlap", "fresh")):
+        cmd = ["dataselect-train", "--strategy", args.strategy, "--dataset", "mnist", "--data-dir", args.data_dir,
+               "--train-subset", str(args.train_subset), "--epochs", "1", "--seed", str(args.seed),
+               "--select-fraction", f"{args.fraction:g}", flag, "--device", "cpu", "--threads", "1", "--json"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        trainer = None
+        if proc.returncode == 0:
+            try:
+                trainer = json.loads(proc.stdout)
+            except json.JSONDecodeError:
+                trainer = None
+        cfg = RunConfig(args.strategy, args.fraction, args.seed, fx, train_subset=args.train_subset)
+        mine = run(cfg, data)
+        rows.append({"trainer_command": " ".join(cmd), "trainer_rc": proc.returncode,
+                     "trainer_seconds": time.perf_counter() - t0,
+                     "trainer_accuracy": trainer.get("test_accuracy") if trainer else None,
+                     "trainer_staleness_mean": trainer.get("staleness_mean_steps") if trainer else None,
+                     "trainer_selection_sha256": trainer.get("selection_sha256") if trainer else None,
+                     "study_selection_sha256": mine["selection_sha256"],
+                     "trainer_error": None if trainer else proc.stderr[-2000:],
+                     "study_fix": fx, "study_accuracy": mine["test_accuracy"]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    (out / f"trainer_check_{args.strategy}_f{args.fraction:g}_s{args.seed}.json").write_text(json.dumps(rows, indent=1))
+
+
+def cmd_ci(args) -> None:
+    """The proposed CI test as a probe: few MNIST images, stale high_loss against the fix."""
+    data = load(args.train_subset, args.data_dir)
+    rows = []
+    for fx in args.fixes:
+        for seed in args.seeds:
+            cfg = RunConfig("high_loss", args.fraction, seed, fx, train_subset=args.train_subset)
+            t0 = time.perf_counter()
+            res = run(cfg, data)
+            rows.append({"fix": fx, "seed": seed, "accuracy": res["test_accuracy"], "test_loss": res["test_loss"],
+                         "steps": res["steps"], "seconds": time.perf_counter() - t0})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ci_probe_n{args.train_subset}_f{args.fraction:g}.json").write_text(json.dumps(rows, indent=1))
+
+
+def cmd_report(args) -> None:
+    path = Path(args.out) / args.file
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    print(report(runs, args))
+
+
+def report(runs: list[dict], args) -> str:
+    """Markdown: per fix, each strategy x fraction: mean accuracy, worst per-seed gap to fresh, hidden share."""
+    by = {}
+    for r in runs:
+        by[(r["fix"], r["strategy"], r["fraction"], r["seed"], r["sync_every"])] = r
+    fixes = list(dict.fromkeys(r["fix"] for r in runs))
+    lines = []
+    for fx in fixes:
+        if fx == "fresh":
+            continue
+        cells = sorted({(r["strategy"], r["fraction"], r["sync_every"]) for r in runs if r["fix"] == fx})
+        lines.append(f"\n#### `{fx}`\n")
+        lines.append("| strategy | fraction | sync | fresh acc (mean) | fix acc (mean) | worst seed gap (pts) | "
+                     "seeds | hidden after initial | initial fresh steps | rerank fwd / step |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for s, f, sync in cells:
+            pairs = []
+            for seed in sorted({r["seed"] for r in runs}):
+                a, b = by.get(("fresh", s, f, seed, 1)), by.get((fx, s, f, seed, sync))
+                if a and b:
+                    pairs.append((a, b))
+            if not pairs:
+                continue
+            fa = sum(a["test_accuracy"] for a, _ in pairs) / len(pairs)
+            fb = sum(b["test_accuracy"] for _, b in pairs) / len(pairs)
+            gap = max(100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs)
+            hid = min(b["hidden_share_after_initial"] for _, b in pairs)
+            init = "/".join(str(b["initial_fresh_steps"]) for _, b in pairs)
+            rr = sum(b["rerank_cost_per_step"] for _, b in pairs) / len(pairs)
+            ok = "" if gap <= 0.5 else " ✗"
+            lines.append(f"| {s} | {f:g} | {sync} | {fa:.4f} | {fb:.4f} | {gap:+.2f}{ok} | {len(pairs)} | "
+                         f"{hid:.2f} | {init} | {rr:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default docs/results/overlap_study)")
+        p.add_argument("--data-dir", default="../shared/datasets", help="where MNIST is (no download)")
+        p.add_argument("--train-subset", type=int, default=30000, help="first N training images (default 30000)")
+        p.add_argument("--sync-every", type=int, default=1, help="push the weights every N steps (staleness up to N)")
+        p.add_argument("--sb-rule", choices=("reference", "capped"), default="reference",
+                       help="Selective Backprop's rule: the authors' (default) or the capped one")
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+    def floats(s):
+        return [float(v) for v in s.split(",")]
+
+    def ints(s):
+        return [int(v) for v in s.split(",")]
+
+    def names(s):
+        return [v for v in s.split(",") if v]
+
+    g = sub.add_parser("grid", help="run cells; append to runs.jsonl; skip cells already there")
+    common(g)
+    g.add_argument("--strategies", type=names, default=list(STRATEGIES))
+    g.add_argument("--fractions", type=floats, default=[0.1, 0.25, 0.33, 0.5])
+    g.add_argument("--seeds", type=ints, default=[1, 2, 3])
+    g.add_argument("--fixes", type=names, default=["fresh", "stale"])
+    g.add_argument("--file", default="runs.jsonl")
+    t = sub.add_parser("trace", help="per-step diagnostics and a PNG for one cell")
+    common(t)
+    t.add_argument("--strategy", default="high_loss", choices=STRATEGIES)
+    t.add_argument("--fraction", type=float, default=0.25)
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--fixes", type=names, default=["fresh", "stale"])
+    t.add_argument("--plot-steps", type=int, default=120, help="steps shown in the PNG")
+    c = sub.add_parser("check", help="dataselect-train against this loop on one cell")
+    common(c)
+    c.add_argument("--strategy", default="high_loss", choices=STRATEGIES)
+    c.add_argument("--fraction", type=float, default=0.25)
+    c.add_argument("--seed", type=int, default=1)
+    ci = sub.add_parser("ci", help="the proposed CI collapse test as a timed probe")
+    common(ci)
+    ci.set_defaults(train_subset=4000)
+    ci.add_argument("--fraction", type=float, default=0.25)
+    ci.add_argument("--seeds", type=ints, default=[0, 1, 2])
+    ci.add_argument("--fixes", type=names, default=["fresh", "stale"])
+    r = sub.add_parser("report", help="Markdown tables from runs.jsonl")
+    common(r)
+    r.add_argument("--file", default="runs.jsonl")
+    args = ap.parse_args(argv)
+    for name in ("fixes",):
+        for fx in getattr(args, name, []) or []:
+            Fix.parse(fx)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    {"grid": cmd_grid, "trace": cmd_trace, "check": cmd_check, "ci": cmd_ci, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
