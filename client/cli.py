@@ -9,7 +9,6 @@ from typing import NoReturn
 import click
 
 from dataselect.cli import run_command
-from dataselect.client.data import DATA_ENV, DATASETS
 from dataselect.plugins.base import MODES
 
 
@@ -35,11 +34,22 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
                    "subset: train on a selected fraction of the training set, re-selected every `refresh` "
                    "epochs (once for static strategies); weighted: each epoch draw a fraction of the "
                    "training set by importance (with replacement) and train on every draw.")
-@click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist",
-              help="Dataset; synthetic is small, generated and needs no files.")
+@click.option("--dataset", default="mnist", metavar="NAME[:ARG]",
+              help="Dataset: mnist, cifar10, synthetic (small, generated, needs no files), imagefolder:DIR "
+                   "(DIR/train/<class>/*, DIR/test/<class>/*), torchvision:CLASS (e.g. torchvision:FashionMNIST), "
+                   "or one a plugin registers (`dataselect datasets` lists them).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              show_default=f"${DATA_ENV} or ~/.cache/dataselect/data",
+              show_default="$DATASELECT_DATA or ~/.cache/dataselect/data",
               help="Folder holding the dataset in torchvision's layout (e.g. DIR/MNIST/raw/...).")
+@click.option("--augment/--no-augment", default=True,
+              help="The dataset's standard training augmentation (CIFAR: random crop + flip; MNIST: none).")
+@click.option("--label-noise", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, metavar="P",
+              help="Symmetric label noise on the training split: each label, with probability P, becomes another "
+                   "class (seeded; the clean labels are kept and the summary counts noisy samples trained on).")
+@click.option("--imbalance", type=click.FloatRange(min=1.0), default=1.0, metavar="R",
+              help="Long-tailed training split: the largest class R times the smallest (seeded).")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, show_default="up to 4, half the CPUs",
+              help="DataLoader workers for datasets that are not held in memory (imagefolder, torchvision).")
 @click.option("--download/--no-download", default=True,
               help="Download a missing dataset (needs a network connection).")
 @click.option("--model", default="cnn-small",
@@ -47,6 +57,9 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--epochs", type=click.IntRange(min=1), default=1, help="Passes over the training set.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Samples trained on per step.")
 @click.option("--lr", type=float, default=0.05, help="SGD learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "onecycle"]), default="constant",
+              help="Learning-rate schedule over the run's steps: constant, cosine (down to 0) or onecycle "
+                   "(warm up over the first 30 %, then anneal).")
 @click.option("--momentum", type=click.FloatRange(min=0.0), default=0.9, help="SGD momentum.")
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, help="SGD weight decay.")
 @click.option("--select-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5,
@@ -143,7 +156,8 @@ def train_command(**kw) -> None:
         retry_seconds=kw["retry_seconds"], overlap=kw["overlap"], checkpoint_dtype=kw["checkpoint_dtype"],
         checkpoint_delta=kw["checkpoint_delta"], eval_every=kw["eval_every"], target_accuracy=kw["target_accuracy"],
         score_input_scale=kw["score_input_scale"], score_precision=kw["score_precision"],
-        score_compile=kw["score_compile"],
+        score_compile=kw["score_compile"], lr_schedule=kw["lr_schedule"], augment=kw["augment"],
+        label_noise=kw["label_noise"], imbalance=kw["imbalance"], num_workers=kw["num_workers"],
     )
     _finish(train(config, log=log), quiet, kw["as_json"], format_cost_table)
 

@@ -116,7 +116,7 @@ class RunSpec:
     seed: int
 
     def run_dir(self, output: Path) -> Path:
-        return Path(output) / "runs" / self.dataset / self.model / self.strategy / f"seed{self.seed}"
+        return Path(output) / "runs" / path_label(self.dataset) / self.model / self.strategy / f"seed{self.seed}"
 
     @property
     def name(self) -> str:
@@ -470,14 +470,29 @@ def save_figure(fig, path: Path) -> None:
 # ---------------------------------------------------------------- running
 
 
+def path_label(name: str) -> str:
+    """`name` as one folder name: `imagefolder:data/pets` -> `imagefolder_data_pets-<hash>` (the hash keeps
+    names that differ only in punctuation apart)."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "dataset"
+    if safe == name:
+        return name
+    return f"{safe[:60]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def validate_names(config: CompareConfig) -> None:
-    """Fail before any run on a misspelt strategy or model (the error lists the known names)."""
+    """Fail before any run on a misspelt strategy, model or dataset (the error lists the known names)."""
+    from dataselect.datasets import check_dataset_spec
     from dataselect.plugins import get_model_builder, get_selector
 
     for s in config.strategies:
         get_selector(s)
     for m in config.models:
         get_model_builder(m)
+    for d in config.datasets:
+        check_dataset_spec(d)
 
 
 def plan_runs(config: CompareConfig) -> list[RunSpec]:
@@ -731,11 +746,12 @@ def _default_strategies() -> list[str]:
     return list(selectors())
 
 
-@click.command("compare")
+@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--strategies", help="Comma-separated strategies [default: every registered strategy]. "
               "The full-data baseline is always added.")
 @click.option("--models", default="cnn-small", show_default=True, help="Comma-separated models.")
-@click.option("--dataset", "datasets", default="mnist", show_default=True, help="Comma-separated datasets.")
+@click.option("--dataset", "datasets", default="mnist", show_default=True,
+              help="Comma-separated datasets (NAME or NAME:ARG, e.g. imagefolder:DIR).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset folder (passed to the trainer).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -767,15 +783,18 @@ def _default_strategies() -> list[str]:
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Strategy option, repeatable (passed to the trainer; not to the baseline).")
 @click.option("--no-download", is_flag=True, help="Passed to the trainer: never download datasets.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAINER OPTIONS...]")
 def compare_command(strategies, models, datasets, data_dir, epochs, repeats, seed, output, target,
                     budget_seconds, budget_samples, resume, train_subset, test_subset, batch_size, lr,
                     select_fraction, device, server, sync_every, momentum, weight_decay, threads, micro_batch,
-                    init_from, mode, policy, options, no_download):
+                    init_from, mode, policy, options, no_download, extra):
     """Compare selection strategies × models × datasets: accuracy against cost.
 
     Runs `dataselect-train` once per strategy, model, dataset and repeat (plus the
     full-data baseline), then writes results.csv, results.md, accuracy_vs_time.png
-    and cost_breakdown.png into OUTPUT.
+    and cost_breakdown.png into OUTPUT. Any other `dataselect-train` option goes
+    after `--` and reaches every run unchanged, e.g.
+    `dataselect compare --strategies high_loss --output out -- --overlap --lr-schedule cosine`.
     """
     passthrough: list[str] = []
     for flag, value in [("--data-dir", data_dir), ("--train-subset", train_subset), ("--test-subset", test_subset),
@@ -787,6 +806,7 @@ def compare_command(strategies, models, datasets, data_dir, epochs, repeats, see
             passthrough += [flag, str(value)]
     for opt in options:
         passthrough += ["--option", opt]
+    passthrough += list(extra)
     if no_download:
         passthrough.append("--no-download")
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -25,8 +26,8 @@ import torch
 from dataselect.checkpoint import CHECKPOINT_DTYPES, load_checkpoint, load_state
 from dataselect.client import distributed as _distributed
 from dataselect.client.costs import Costs, format_cost_table
-from dataselect.client.data import load_dataset
 from dataselect.client.session import EngineOptions, RemoteOptions, Session, weighted_loss
+from dataselect.datasets import check_dataset_spec, open_dataset
 from dataselect.client.training import (
     RESUME_FILE,
     SCHEDULES,
@@ -116,6 +117,13 @@ class TrainConfig:
     score_compile: bool = False
     #: Learning-rate schedule over the run: constant, cosine or onecycle.
     lr_schedule: str = "constant"
+    #: The dataset's standard training augmentation (none for MNIST; crop + flip for CIFAR-10).
+    augment: bool = True
+    #: Variants of the training split: symmetric label noise rate, and long-tail ratio largest/smallest class.
+    label_noise: float = 0.0
+    imbalance: float = 1.0
+    #: DataLoader workers for datasets that are not held in memory (None: up to 4, half the CPUs).
+    num_workers: int | None = None
 
 
 
@@ -126,6 +134,13 @@ def validate_config(config: TrainConfig) -> str:
     """
     cls = get_selector(config.strategy)
     cls.resolve_options(config.options)
+    check_dataset_spec(config.dataset)
+    if not 0.0 <= config.label_noise < 1.0:
+        raise InvalidArgument(f"--label-noise is a rate in [0, 1), got {config.label_noise}")
+    if not config.imbalance >= 1.0:
+        raise InvalidArgument(f"--imbalance is the ratio of the largest to the smallest class (>= 1), got {config.imbalance}")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise InvalidArgument(f"--num-workers must be >= 0, got {config.num_workers}")
     if config.lr_schedule not in SCHEDULES:
         raise InvalidArgument(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
     if config.server and "," in config.server:
@@ -204,8 +219,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
 
     t0 = time.perf_counter()
     with _distributed.rank_zero_first(dist_ctx):  # one download, not one per rank
-        data = load_dataset(config.dataset, config.data_dir, download=config.download,
-                            train_subset=config.train_subset, test_subset=config.test_subset)
+        data = open_dataset(config.dataset, config.data_dir, download=config.download,
+                            train_subset=config.train_subset, test_subset=config.test_subset, seed=config.seed,
+                            augment=config.augment, label_noise=config.label_noise, imbalance=config.imbalance)
     load_seconds = time.perf_counter() - t0
 
     model_kwargs = data.info.model_kwargs()
@@ -228,7 +244,16 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
     session.dist = dist_ctx
     costs = session.costs
     costs.data_seconds += load_seconds
-    loader = session.loader(data.train, batch_size=config.batch_size, estimate_train_time=False)
+    workers = _workers(config)
+    if data.train_tensors is not None:  # in memory: indexed directly, batches augmented at once
+        loader = session.loader(data.train_tensors, batch_size=config.batch_size, augment=data.augment_batch,
+                                estimate_train_time=False)
+    else:  # decoded on demand by DataLoader workers
+        loader = session.loader(data.train, batch_size=config.batch_size, plain=data.train_plain,
+                                labels=data.train_labels, num_workers=workers, pin_memory=device.type == "cuda",
+                                estimate_train_time=False)
+    noisy = None if data.clean_labels is None else (data.train_labels != data.clean_labels)
+    noisy_trained = 0
     ddp = dist_ctx.wrap(model) if dist_ctx is not None else None
 
     # Under torchrun only rank 0 writes metrics, resume points and the summary.
@@ -249,14 +274,14 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in epochs))
-    scheduler = make_scheduler(optimizer, config.lr_schedule, _estimated_steps(config, len(data.train), session))
+    scheduler = make_scheduler(optimizer, config.lr_schedule, _estimated_steps(config, len(data.train_labels), session))
     if scheduler is not None and _resume is not None and "scheduler" in _resume["resume"]:
         scheduler.load_state_dict(_resume["resume"]["scheduler"])
     clock = RunClock(costs=costs, t_start=t_start, load_seconds=load_seconds, budget_seconds=config.budget_seconds,
                      budget_samples=config.budget_samples, target_accuracy=config.target_accuracy,
                      eval_every=config.eval_every, dist=dist_ctx)
-    evaluator = Evaluator(model, data.test.inputs, data.test.labels, device=device, micro_batch=config.micro_batch,
-                          costs=costs, dist=dist_ctx)
+    evaluator = Evaluator(model, data.test_tensors if data.test_tensors is not None else data.test, device=device,
+                          micro_batch=config.micro_batch, costs=costs, dist=dist_ctx, num_workers=workers)
     non_blocking = device.type == "cuda"
 
     def train_step(batch) -> torch.Tensor:
@@ -291,6 +316,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
                         partial = True
                         break
                     loss = train_step(batch)
+                    if noisy is not None:
+                        noisy_trained += int(noisy[batch.ids].sum())
                     if clock.eval_due():
                         clock.evaluate(evaluator)
                     bar.update(loss)
@@ -321,6 +348,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
         session.drain()  # background pushes and reports finish inside the run's wall-clock
         summary = _summary(config, mode, session, loader, clock, data, epochs, time.perf_counter() - t_start,
                            stopped_by, device)
+        summary["noisy_samples_trained"] = noisy_trained if noisy is not None else None
     finally:
         session.close()
     if dist_ctx is not None:  # every rank's costs, totalled in rank 0's summary
@@ -333,6 +361,12 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
                   t_start)
         write_json_atomic(out_dir / "summary.json", summary)
     return summary
+
+
+def _workers(config: TrainConfig) -> int:
+    if config.num_workers is not None:
+        return config.num_workers
+    return min(4, max(0, (os.cpu_count() or 1) // 2))
 
 
 def _estimated_steps(config: TrainConfig, n: int, session: Session) -> int:
@@ -416,8 +450,10 @@ def _summary(config: TrainConfig, mode: str, session: Session, loader, clock: Ru
         "stopped_by": stopped_by,
         "budget_seconds": config.budget_seconds,
         "budget_samples": config.budget_samples,
-        "train_samples": len(data.train),
+        "train_samples": len(data.train_labels),
         "test_samples": len(data.test),
+        "augmentation": data.info.augmentation if config.augment else "none",
+        "variant": dict(data.variant),
         "selection_sha256": session.digest.hexdigest(),
         **session.overlap_figures(),
         "target_accuracy": config.target_accuracy,

@@ -63,37 +63,47 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
 
 
 class Evaluator:
-    """Accuracy (0..1) and mean cross-entropy on a test split held as tensors, in eval mode."""
+    """Accuracy (0..1) and mean cross-entropy on a test split, in eval mode: a split held as tensors
+    (`inputs`/`labels`) is sliced directly, any other map-style data set goes through a DataLoader."""
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
-                 micro_batch: int = 1024, costs: Costs | None = None, dist: Any = None):
-        self.model, self.inputs, self.labels = model, inputs, labels
+    def __init__(self, model: nn.Module, test: Any, *, device: torch.device, micro_batch: int = 1024,
+                 costs: Costs | None = None, dist: Any = None, num_workers: int = 0):
+        self.model, self.test = model, test
         self.device, self.micro_batch, self.costs, self.dist = device, micro_batch, costs, dist
+        self.num_workers = num_workers
 
     def __call__(self) -> tuple[float, float]:
         if self.dist is not None:  # rank 0 evaluates, every rank gets its figures
             return self.dist.evaluate(self._here, self.costs)
         return self._here()
 
+    def _batches(self):
+        inputs, labels = getattr(self.test, "inputs", None), getattr(self.test, "labels", None)
+        if isinstance(inputs, torch.Tensor) and isinstance(labels, torch.Tensor):
+            for start in range(0, len(labels), self.micro_batch):
+                yield inputs[start:start + self.micro_batch], labels[start:start + self.micro_batch]
+            return
+        yield from torch.utils.data.DataLoader(self.test, batch_size=self.micro_batch, num_workers=self.num_workers)
+
     @torch.no_grad()
     def _here(self) -> tuple[float, float]:
         t0 = time.perf_counter()
         model, device = self.model, self.device
         model.eval()
-        correct, loss_sum = 0, 0.0
+        correct, loss_sum, n = 0, 0.0, 0
         try:
-            for start in range(0, len(self.labels), self.micro_batch):
-                x = self.inputs[start:start + self.micro_batch].to(device)
-                y = self.labels[start:start + self.micro_batch].to(device)
+            for x, y in self._batches():
+                x, y = x.to(device), torch.as_tensor(y).to(device)
                 logits = model(x).float()
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 correct += int((logits.argmax(1) == y).sum())
+                n += int(y.numel())
         finally:
             model.train()
         synchronize(device)
         if self.costs is not None:
             self.costs.eval_seconds += time.perf_counter() - t0
-        n = max(1, len(self.labels))
+        n = max(1, n)
         return correct / n, loss_sum / n
 
 

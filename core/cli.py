@@ -118,6 +118,25 @@ def models(as_json: bool) -> None:
         click.echo(f"{row['name']:<12} {row['description']}  (from {row['plugin']})")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def datasets(as_json: bool) -> None:
+    """List the registered datasets (`dataselect-train --dataset NAME[:ARG]`)."""
+    from dataselect.plugins import datasets as registered
+
+    rows = []
+    for name, reg in registered().items():
+        argument = getattr(reg.obj, "argument", None)
+        doc = (getattr(reg.obj, "__doc__", None) or "").strip().splitlines()
+        rows.append({"name": f"{name}:{argument}" if argument else name, "plugin": reg.plugin,
+                     "distribution": reg.distribution, "version": reg.version, "description": doc[0] if doc else ""})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<20} {row['description']}  (from {row['plugin']})")
+
+
 def _add_compare() -> None:
     # Imported here so `dataselect strategies` does not pay for the experiment runner's imports.
     from dataselect.client.compare import compare_command
