@@ -254,7 +254,7 @@ def server():
 
 
 def test_a_plugin_model_is_built_by_the_server(server):
-    with pytest.raises(InvalidArgument, match="unknown model 'test-tiny-net'"):
+    with pytest.raises(InvalidArgument, match="has no model 'test-tiny-net'"):
         RemoteScorer(server.address, _spec("high_loss", "test-tiny-net"), retry_seconds=0)
     register_plugin(_ModelPlugin(), "model-plugin")
     try:
