@@ -57,17 +57,20 @@ def register_models(register: Callable[..., None]) -> None:
     """Register model architectures, so the server and trainer can build them.
 
     Call `register(name, builder)` once per architecture; `name` is what
-    users pass to `dataselect-train --model`. `builder(**kwargs)` returns an
-    `nn.Module` following the model protocol of `dataselect.models`: it takes
-    uint8 images (or floats in [0, 1]) and normalises them itself, has a
-    `features(x)` method returning penultimate features, and a final
-    `nn.Linear` named `classifier` (the signals engine uses it for
-    last-layer gradients and margins). The builder always receives
-    `num_classes`, `in_channels`, `image_size`, `mean` and `std`. Subclassing
-    `dataselect.models.Classifier` (set `self.classifier`, define
-    `body(x)` returning features) gives all of this. The plugin must be
-    installed where the server runs (the checkpoint names the model, not its
-    code). A name taken by another plugin is refused naming both plugins.
+    users pass to `dataselect-train --model`. `builder(**kwargs)` returns any
+    `nn.Module` that maps a batch to logits `[N, num_classes]` (a torchvision
+    constructor such as `torchvision.models.resnet18` works as it is). The
+    trainer offers `num_classes`, `in_channels`, `image_size`, `mean` and
+    `std`; the builder gets the ones it accepts, and a model that takes no
+    `mean`/`std` is wrapped so that it receives normalised float images.
+    Last-layer signals use the model's final `nn.Linear`, found by a trial
+    forward. Subclassing `dataselect.models.Classifier` (set
+    `self.classifier`, define `body(x)` returning features) is the fast
+    path: the model takes uint8 images and normalises them itself. The
+    plugin must be installed where the server runs (the checkpoint names the
+    model, not its code; a model the server has no code for can travel as a
+    `torch.export` program instead). A name taken by another plugin is
+    refused naming both plugins.
 
     Optional: a builder with a `slim_kwargs(kwargs, ratio)` method (mixin
     `dataselect.models.Slimmable`) returns the kwargs of a narrower twin whose
