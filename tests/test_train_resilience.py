@@ -87,3 +87,32 @@ def test_training_completes_across_a_server_kill_and_restart(tmp_path):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_resume_keeps_a_static_core_set(tmp_path):
+    """MRMC selects its core-set once; a run resumed after that trains on the same core-set, so it ends
+    exactly where the uninterrupted run does (the strategy's own state starts afresh, but is not needed)."""
+    import torch
+
+    from dataselect.checkpoint import load_checkpoint, save_checkpoint
+    from dataselect.client.train import TrainConfig, resume, train
+
+    def config(epochs, output):
+        return TrainConfig(strategy="mrmc", options={"warmup_epochs": 1}, dataset="synthetic", train_subset=300,
+                           test_subset=200, epochs=epochs, device="cpu", threads=1, progress=False,
+                           output=str(output))
+
+    whole = train(config(3, tmp_path / "whole"))
+    train(config(2, tmp_path / "part"))  # warm-up, then the core-set is selected and trained on once
+    path = tmp_path / "part" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt["resume"]["loader"]["selection"]["positions"].numel() == 150
+    ckpt["config"]["epochs"] = 3  # as if the run had been stopped after its second epoch
+    save_checkpoint(ckpt, path)
+    resumed = resume(tmp_path / "part")
+    assert resumed["refreshes"] == 1 and resumed["resumes"] == 1  # no new selection after resuming
+    assert resumed["samples_trained"] == whole["samples_trained"] == 300 + 2 * 150
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"], abs=1e-6)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    assert torch.equal(ckpt["resume"]["loader"]["selection"]["positions"],
+                       load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["resume"]["loader"]["selection"]["positions"])
