@@ -14,7 +14,7 @@ exactly as here). A function marked `@dataselect.hookimpl` whose name is not
 one of these hooks (a misspelling) makes the plugin fail at load time with a
 message naming the hook and the plugin.
 
-The README's plugin guide has one `###` heading per hook below (a test checks
+The plugin guide (docs/plugins.md) has one `###` heading per hook below (a test checks
 it), with the signature and this docstring.
 """
 

@@ -1,7 +1,7 @@
 """Meta-test: every hook in dataselect.plugins.hookspecs has a docstring, a test,
-and a `###` heading (with its signature and docstring) in the README's plugin guide.
+and a `###` heading (with its signature and docstring) in the plugin guide (docs/plugins.md).
 
-`python tests/test_hookspecs_doc.py` prints the hook reference as the README
+`python tests/test_hookspecs_doc.py` prints the hook reference as docs/plugins.md
 must contain it; paste it into the guide after changing a hook.
 """
 
@@ -30,7 +30,7 @@ def heading(name: str) -> str:
 
 
 def reference(name: str) -> str:
-    """The README text for one hook: heading, signature, docstring."""
+    """The guide's text for one hook: heading, signature, docstring."""
     fn = getattr(hookspecs, name)
     sig = str(inspect.signature(fn)).replace("'", "")
     doc = inspect.cleandoc(fn.__doc__ or "")
@@ -38,8 +38,8 @@ def reference(name: str) -> str:
 
 
 def guide() -> str:
-    text = REPO.joinpath("README.md").read_text()
-    assert text.count(START) == 1 and text.count(END) == 1, "README.md needs one plugin-guide start and end marker"
+    text = REPO.joinpath("docs", "plugins.md").read_text()
+    assert text.count(START) == 1 and text.count(END) == 1, "docs/plugins.md needs one plugin-guide start and end marker"
     return text[text.index(START):text.index(END)]
 
 
@@ -70,16 +70,16 @@ def test_hook_has_a_test(name):
 @pytest.mark.parametrize("name", hook_names())
 def test_hook_is_documented_in_the_readme(name):
     text = guide()
-    assert heading(name) in text.splitlines(), f"README plugin guide lacks the heading {heading(name)!r}"
-    assert reference(name) in text, (f"README's reference for {name} differs from its hookspec; "
+    assert heading(name) in text.splitlines(), f"the plugin guide lacks the heading {heading(name)!r}"
+    assert reference(name) in text, (f"the plugin guide's reference for {name} differs from its hookspec; "
                                      "regenerate it with `python tests/test_hookspecs_doc.py`")
 
 
 def test_readme_documents_no_hook_that_does_not_exist():
     documented = re.findall(r"^### (\w+)\(", guide(), flags=re.M)
-    assert documented, "README's plugin guide has no hook headings"
+    assert documented, "the plugin guide has no hook headings"
     stale = set(documented) - set(hook_names())
-    assert not stale, f"README documents hooks that hookspecs does not define: {sorted(stale)}"
+    assert not stale, f"the plugin guide documents hooks that hookspecs does not define: {sorted(stale)}"
 
 
 if __name__ == "__main__":

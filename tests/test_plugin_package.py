@@ -1,6 +1,6 @@
 """Plugin packages installed with pip into a fresh venv, used end to end.
 
-1. The README's "Write a plugin" guide, followed to the letter: its files are
+1. The "Write a plugin" guide (docs/plugins.md), followed to the letter: its files are
    written into a temporary directory, installed with `pip install -e .`, and
    its commands run (conformance kit, `dataselect strategies` / `plugins`,
    a training run and `dataselect compare` through a real `dataselect-server`).
@@ -46,7 +46,7 @@ TRAIN = ["-m", "dataselect.client.cli"]
 
 
 def _guide() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "plugins.md").read_text()
     return text[text.index(START):text.index(END)]
 
 
