@@ -124,7 +124,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
               help="Continue the run whose --output was DIR from its last finished epoch "
                    "(its saved options are used; --server may point it at a new server).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, per-epoch lines or cost table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress, per-epoch lines or cost table: only the final result line.")
 def train_command(**kw) -> None:
     """Train a model on the samples a selection strategy picks, and account for the cost.
 
@@ -167,7 +167,7 @@ def _finish(summary: dict, quiet: bool, as_json: bool, format_cost_table) -> Non
         click.echo(format_cost_table(summary), err=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-    elif not quiet:
+    else:  # the result line, even with -q
         click.echo(f"test_accuracy {summary['test_accuracy']:.4f}")
 
 

@@ -33,37 +33,75 @@ class Costs:
     full_data_epochs: int = 0
 
 
-COST_ROWS = (
-    ("training (fwd+bwd+opt)", "train_seconds"),
-    ("scoring wait", "score_seconds"),
-    ("  of which server compute", "server_compute_seconds"),
-    ("training-side reports", "report_seconds"),
-    ("checkpoint pushes", "checkpoint_seconds"),
-    # Wire + codec time of Selects and checkpoint pushes: part of the two rows above.
-    ("transfer (within the above)", "transfer_seconds"),
-    ("evaluation", "eval_seconds"),
-    ("data", "data_seconds"),
-)
+def selection_payoff(summary: dict[str, Any]) -> dict[str, Any]:
+    """Did selection pay off? An estimate from the run's own figures.
+
+    Training on every sample would have cost about `train_seconds / samples_trained`
+    per sample (this run's own training cost per sample) times the samples a
+    full-data run trains on: every training sample, once per epoch run. Against
+    it stand what this run spent training and waiting for selection (scoring
+    wait, reports, pushes). Warm-up epochs count on both sides. None for runs
+    that trained nothing, stopped early, or did no selection.
+    """
+    empty = {"estimated_full_data_train_seconds": None, "estimated_saving_seconds": None,
+             "estimated_saving_fraction": None}
+    trained = summary.get("samples_trained") or 0
+    if not trained or summary.get("stopped_by") or summary.get("full_data"):
+        return empty
+    per_sample = summary["train_seconds"] / trained
+    full = per_sample * summary["train_samples"] * summary.get("epochs_completed", summary["epochs"])
+    spent = (summary["train_seconds"] + summary["score_seconds"] + summary["report_seconds"]
+             + summary["checkpoint_seconds"])
+    saving = full - spent
+    return {"estimated_full_data_train_seconds": full, "estimated_saving_seconds": saving,
+            "estimated_saving_fraction": saving / full if full > 0 else None}
 
 
 def format_cost_table(summary: dict[str, Any]) -> str:
-    """A short human table of where the wall time went."""
+    """A short human table of where the wall time went, and whether selection paid off."""
     # Under torchrun the seconds are summed over ranks: compare them with wall x ranks.
     wall = (summary["wall_seconds"] or 1e-9) * summary.get("world_size", 1)
+    remote = summary.get("scorer") == "remote"
+    overlap = bool(summary.get("overlap"))
     lines = [
         f"{summary['strategy']} on {summary['dataset']} ({summary['model']}, {summary['epochs']} epoch(s), "
         f"{summary['scorer']} scorer): test accuracy {summary['test_accuracy']:.4f}",
-        f"{'cost':<27}{'seconds':>10}{'% wall':>9}",
+        f"{'where the time went':<32}{'seconds':>10}{'% wall':>9}",
     ]
-    for label, key in COST_ROWS:
-        lines.append(f"{label:<27}{summary[key]:>10.2f}{100 * summary[key] / wall:>8.1f}%")
-    lines.append(f"{'wall':<27}{summary['wall_seconds']:>10.2f}")
+
+    def row(label: str, seconds: float) -> None:
+        lines.append(f"{label:<32}{seconds:>10.2f}{100 * seconds / wall:>8.1f}%")
+
+    row("training (fwd+bwd+opt)", summary["train_seconds"])
+    row("waiting for selections", summary["score_seconds"])
+    if summary.get("report_seconds"):
+        row("sending training losses", summary["report_seconds"])
+    if summary.get("checkpoint_pushes"):
+        row("model pushes" if remote else "model copies to the scorer", summary["checkpoint_seconds"])
+    row("evaluation", summary["eval_seconds"])
+    row("data", summary["data_seconds"])
+    lines.append(f"{'wall':<32}{summary['wall_seconds']:>10.2f}")
+    if summary.get("scorer") not in (None, "none"):
+        where = "on the server" if remote else "in this process"
+        note = f"scoring compute {where}: {summary['server_compute_seconds']:.2f} s"
+        if overlap:
+            note += (f", {100 * summary.get('hidden_score_fraction', 0.0):.0f}% of it hidden behind training; "
+                     f"selections up to {summary.get('staleness_max_steps', 0)} step(s) stale")
+        if remote:
+            note += f"; wire and encoding {summary['transfer_seconds']:.2f} s (within the rows above)"
+        lines.append(note)
     if summary.get("proxy_width_ratio"):
         rho = summary.get("diagnostics", {}).get("proxy_rank_correlation")
         lines.append(f"proxy: width ratio {summary['proxy_width_ratio']:g} trained jointly (its cost is in training)"
                      + ("" if rho is None else f", rank correlation of its margins with the full model's {rho:.3f}"))
-    lines.append(
-        f"samples trained {summary['samples_trained']}, scored {summary['samples_scored']}, "
-        f"checkpoint pushes {summary['checkpoint_pushes']} ({summary['checkpoint_bytes']} bytes)"
-    )
+    lines.append(f"samples trained {summary['samples_trained']}, scored {summary['samples_scored']}"
+                 + (f", model pushes {summary['checkpoint_pushes']} ({summary['checkpoint_bytes']} bytes)"
+                    if remote else ""))
+    saving = summary.get("estimated_saving_seconds")
+    if saving is not None:
+        full = summary["estimated_full_data_train_seconds"]
+        verdict = "saved" if saving >= 0 else "cost"
+        lines.append(f"estimate: training on every sample would have taken about {full:.1f} s; selection "
+                     f"{verdict} about {abs(saving):.1f} s ({100 * abs(saving) / full:.0f}%) of that"
+                     + ("" if not remote else ", not counting the server's own compute"))
     return "\n".join(lines)

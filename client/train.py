@@ -25,7 +25,7 @@ import torch
 
 from dataselect.checkpoint import CHECKPOINT_DTYPES, load_checkpoint, load_state
 from dataselect.client import distributed as _distributed
-from dataselect.client.costs import Costs, format_cost_table
+from dataselect.client.costs import Costs, format_cost_table, selection_payoff
 from dataselect.client.session import EngineOptions, RemoteOptions, Session, weighted_loss
 from dataselect.datasets import check_dataset_spec, open_dataset
 from dataselect.client.training import (
@@ -349,6 +349,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
         summary = _summary(config, mode, session, loader, clock, data, epochs, time.perf_counter() - t_start,
                            stopped_by, device)
         summary["noisy_samples_trained"] = noisy_trained if noisy is not None else None
+        summary.update(selection_payoff(summary))
     finally:
         session.close()
     if dist_ctx is not None:  # every rank's costs, totalled in rank 0's summary

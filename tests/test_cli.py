@@ -57,7 +57,15 @@ def test_train_writes_outputs_and_json(trained):
 def test_cost_table_without_quiet(tmp_path):
     proc = train_cli("--dataset", "synthetic", "--train-subset", "200", "--test-subset", "100", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert "scoring wait" in proc.stderr and "test_accuracy" in proc.stdout
+    assert "waiting for selections" in proc.stderr and "test_accuracy" in proc.stdout
+    # off a terminal, progress comes as plain lines
+    assert "epoch 1/1: 100%" in proc.stderr
+
+
+def test_quiet_still_prints_the_result_line():
+    proc = train_cli(*QUICK)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("test_accuracy ") and proc.stderr == ""
 
 
 def test_unknown_strategy_fails_before_loading_data(tmp_path):

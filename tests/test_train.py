@@ -47,7 +47,15 @@ def test_embedded_training_learns_and_accounts(high_loss_run):
     assert lines[1]["wall_seconds"] >= lines[0]["wall_seconds"]
     assert lines[0]["samples_scored"] == 2000 and "test_loss" in lines[0] and "score_seconds" in lines[0]
     assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
-    assert "scoring wait" in format_cost_table(summary)
+    table = format_cost_table(summary)
+    assert "waiting for selections" in table and "scoring compute in this process" in table
+    assert "on the server" not in table and "hidden" not in table  # nothing remote or overlapped here
+    full = summary["estimated_full_data_train_seconds"]
+    assert full == pytest.approx(summary["train_seconds"] / summary["samples_trained"] * 2 * 2000)
+    assert summary["estimated_saving_seconds"] == pytest.approx(
+        full - summary["train_seconds"] - summary["score_seconds"] - summary["report_seconds"]
+        - summary["checkpoint_seconds"])
+    assert "estimate: training on every sample" in table
 
 
 def test_final_checkpoint_restores_the_model(high_loss_run, tmp_path):
