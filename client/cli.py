@@ -9,7 +9,7 @@ from typing import NoReturn
 import click
 
 from dataselect.cli import run_command
-from dataselect.plugins.base import MODES
+from dataselect.names import CHECKPOINT_DTYPE_NAMES, MODES, ON_SERVER_FAILURE, PRECISIONS, SCHEDULES
 
 
 def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
@@ -57,7 +57,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--epochs", type=click.IntRange(min=1), default=1, help="Passes over the training set.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Samples trained on per step.")
 @click.option("--lr", type=float, default=0.05, help="SGD learning rate.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "onecycle"]), default="constant",
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default="constant",
               help="Learning-rate schedule over the run's steps: constant, cosine (down to 0) or onecycle "
                    "(warm up over the first 30 %, then anneal).")
 @click.option("--momentum", type=click.FloatRange(min=0.0), default=0.9, help="SGD momentum.")
@@ -83,7 +83,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--overlap/--no-overlap", default=None, show_default="on with --server, off in-process",
               help="Score the next pool while training on this one (scoring leaves the critical path); "
                    "checkpoint pushes and reports also run in the background.")
-@click.option("--checkpoint-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+@click.option("--checkpoint-dtype", type=click.Choice(CHECKPOINT_DTYPE_NAMES), default="float32",
               help="With --server: dtype the weights travel in; float16/bfloat16 halve the bytes per push "
                    "(the server scores with them converted back to float32).")
 @click.option("--checkpoint-delta", is_flag=True,
@@ -93,7 +93,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--score-input-scale", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0,
               help="Score on inputs downscaled by this factor (0.5 = half height and width; embedded or remote). "
                    "Needs a model that takes smaller inputs (cnn-deep, resnet18; not cnn-small).")
-@click.option("--score-precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+@click.option("--score-precision", type=click.Choice(PRECISIONS), default="auto",
               help="In-process scoring: autocast dtype for forward signals; auto = bf16 on CUDA, fp32 on CPU "
                    "(a server sets its own with dataselect-server --precision).")
 @click.option("--score-compile", is_flag=True,
@@ -115,7 +115,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
               help="File holding the server's bearer token (default: env DATASELECT_TOKEN).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), default=None, metavar="PEM",
               help="CA certificate to verify a TLS server (use with a server started with --tls-cert).")
-@click.option("--on-server-failure", type=click.Choice(["retry", "fallback"]), default="retry", show_default=True,
+@click.option("--on-server-failure", type=click.Choice(ON_SERVER_FAILURE), default="retry", show_default=True,
               help="When the server goes away: retry (reconnect with backoff, reopen the session, re-upload the "
                    "checkpoint; fail after --retry-seconds) or fallback (then score in-process for the rest of the run).")
 @click.option("--retry-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,

@@ -50,7 +50,8 @@ from dataselect.client.pipeline import ScorerPipeline
 from dataselect.client.scorer import EmbeddedScorer, ScoreReply, Scorer, SessionSpec, unwrap_model
 from dataselect.errors import InvalidArgument, PluginError
 from dataselect.plugins import get_selector
-from dataselect.plugins.base import MODES, Progress, RunPlan
+from dataselect.names import MODES
+from dataselect.plugins.base import Progress, RunPlan
 from dataselect.plugins.policies import POLICIES
 
 #: Overlap never asks for more than this many pools ahead.

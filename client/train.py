@@ -30,7 +30,6 @@ from dataselect.client.session import EngineOptions, RemoteOptions, Session, wei
 from dataselect.datasets import check_dataset_spec, open_dataset
 from dataselect.client.training import (
     RESUME_FILE,
-    SCHEDULES,
     Evaluator,
     Progress,
     RunClock,
@@ -44,7 +43,7 @@ from dataselect.engine import resolve_device, synchronize
 from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
 from dataselect.plugins import get_model_builder, get_selector
-from dataselect.plugins.base import MODES
+from dataselect.names import MODES, PRECISIONS, SCHEDULES
 from dataselect.plugins.policies import POLICIES
 
 __all__ = ["TrainConfig", "train", "resume", "validate_config", "format_cost_table", "weighted_loss", "Costs"]
@@ -163,7 +162,6 @@ def validate_config(config: TrainConfig) -> str:
     if not 0.0 < config.score_input_scale <= 1.0:
         raise InvalidArgument(f"--score-input-scale must be in (0, 1] (0.5 = half height and width), "
                               f"got {config.score_input_scale}")
-    from dataselect.engine import PRECISIONS
 
     if config.score_precision not in PRECISIONS:
         raise InvalidArgument(f"--score-precision must be one of {', '.join(PRECISIONS)}, got {config.score_precision!r}")

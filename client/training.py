@@ -31,10 +31,10 @@ from dataselect.checkpoint import load_checkpoint, make_checkpoint, save_checkpo
 from dataselect.client.costs import Costs
 from dataselect.engine import synchronize
 from dataselect.errors import InvalidArgument
+from dataselect.names import SCHEDULES
 
 RESUME_FILE = "checkpoint.pt"
 
-SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int):

@@ -1,13 +1,11 @@
-"""The `dataselect` command: what is installed (strategies, plugins, models).
-
-Also home of `run_command`, which every dataselect console script uses so
-that errors look the same everywhere: one line `error: ...` on stderr and a
-non-zero exit, never a traceback.
+"""How every dataselect console script runs: `run_command` turns usage errors and
+`DataselectError`s into one line `error: ...` on stderr and a non-zero exit, never a
+traceback, so errors look the same in `dataselect`, `dataselect-train` and
+`dataselect-server`. (The `dataselect` command itself is `dataselect.client.main`.)
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import NoReturn
 
@@ -39,117 +37,3 @@ def run_command(command: click.Command, args: list[str] | None = None, prog_name
     except DataselectError as exc:
         fail(str(exc), 1)
     sys.exit(rv if isinstance(rv, int) else 0)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="dataselect")
-def cli() -> None:
-    """Inspect what dataselect has installed.
-
-    Training is `dataselect-train`; the scoring service is `dataselect-server`.
-    """
-
-
-def _strategy_rows() -> list[dict]:
-    from dataselect.plugins import selectors
-
-    rows = []
-    for name, reg in selectors().items():
-        info = reg.obj.info()
-        rows.append({**info, "name": name, "plugin": reg.plugin, "distribution": reg.distribution, "version": reg.version})
-    return rows
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def strategies(as_json: bool) -> None:
-    """List the registered selection strategies.
-
-    Shows each strategy's description, default training mode and selection
-    policy, the signals it needs, its options, and the plugin (and
-    distribution) that registered it.
-    """
-    rows = _strategy_rows()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        click.echo(f"{row['name']}  [mode {row['default_mode']}, policy {row['default_policy']}]"
-                   f"  from {row['plugin']} ({row['distribution']} {row['version']})")
-        if row["description"]:
-            click.echo(f"    {row['description']}")
-        if row["signals"]:
-            click.echo(f"    signals: {', '.join(row['signals'])}")
-        for opt, spec in row["options"].items():
-            extra = f"; one of {', '.join(map(str, spec['choices']))}" if spec.get("choices") else ""
-            click.echo(f"    -o {opt}=<{spec['type']}> (default {spec['default']!r}{extra}) {spec.get('help', '')}".rstrip())
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def plugins(as_json: bool) -> None:
-    """List loaded plugins: name, distribution, version, hooks, and load errors."""
-    from dataselect.plugins import plugins as loaded
-
-    rows = loaded()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        status = f"  ERROR: {row['error']}" if row.get("error") else ""
-        click.echo(f"{row['name']}  ({row['distribution']} {row['version']})  hooks: {', '.join(row['hooks']) or '-'}{status}")
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def models(as_json: bool) -> None:
-    """List the registered model architectures (`dataselect-train --model NAME`)."""
-    from dataselect.plugins import models as registered
-
-    rows = [{"name": name, "plugin": reg.plugin, "distribution": reg.distribution, "version": reg.version,
-             "description": (getattr(reg.obj, "__doc__", None) or "").strip().splitlines()[0:1]}
-            for name, reg in registered().items()]
-    for row in rows:
-        row["description"] = row["description"][0] if row["description"] else ""
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        click.echo(f"{row['name']:<12} {row['description']}  (from {row['plugin']})")
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def datasets(as_json: bool) -> None:
-    """List the registered datasets (`dataselect-train --dataset NAME[:ARG]`)."""
-    from dataselect.plugins import datasets as registered
-
-    rows = []
-    for name, reg in registered().items():
-        argument = getattr(reg.obj, "argument", None)
-        doc = (getattr(reg.obj, "__doc__", None) or "").strip().splitlines()
-        rows.append({"name": f"{name}:{argument}" if argument else name, "plugin": reg.plugin,
-                     "distribution": reg.distribution, "version": reg.version, "description": doc[0] if doc else ""})
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        click.echo(f"{row['name']:<20} {row['description']}  (from {row['plugin']})")
-
-
-def _add_compare() -> None:
-    # Imported here so `dataselect strategies` does not pay for the experiment runner's imports.
-    from dataselect.client.compare import compare_command
-
-    cli.add_command(compare_command)
-
-
-_add_compare()
-
-
-def main(args: list[str] | None = None) -> NoReturn:
-    run_command(cli, args, prog_name="dataselect")
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@ All signals are computed with the model in eval mode, so samples are
 independent (batch norm uses running statistics) and batched gradients of a
 summed loss are exact per-sample gradients.
 
-Signals (names are part of the plugin interface, see `plugins.base.SIGNALS`):
+Signals (names are part of the plugin interface, see `dataselect.names.SIGNALS`):
 * `logits`, `probs`, `loss`, `features`: one forward pass under
   `torch.inference_mode()`.
 * `grad_norm_last`: the per-sample gradient norm of the final linear layer
@@ -44,11 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataselect.errors import Cancelled, InvalidArgument
+from dataselect.names import FORWARD_SIGNALS, GRAD_SIGNALS, PER_SAMPLE_GRAD_SIGNALS, PRECISIONS
 from dataselect.models import ScoringModel, to_unit_float
 
-FORWARD_SIGNALS = frozenset({"logits", "probs", "loss", "features", "grad_norm_last", "boundary_margin", "logit_margin"})
-GRAD_SIGNALS = frozenset({"input_grad_norm"})
-PER_SAMPLE_GRAD_SIGNALS = frozenset({"grad_norm_full"})
 
 #: Memory allowed for one chunk of per-sample parameter gradients.
 PER_SAMPLE_GRAD_BYTES = 512 * 2**20
@@ -62,7 +60,6 @@ AUTO_MEMORY_FRACTION = 0.5
 #: Samples in the trial forward that measures activation memory.
 TRIAL_SAMPLES = 8
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -25,8 +25,7 @@ import pluggy
 
 from dataselect.errors import InvalidArgument, PluginError
 from dataselect.plugins import hookspecs
-from dataselect.plugins.base import MODES, SIGNALS, Selector
-from dataselect.plugins.policies import POLICIES
+from dataselect.names import MODES, POLICIES, SIGNALS
 
 ENTRY_POINT_GROUP = "dataselect"
 
@@ -183,7 +182,7 @@ def _run_hook(plugin: Any, plugin_name: str, hook: str, register: Callable) -> N
 
 def _selector_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
     def register(cls: type) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, Selector)):
+        if not (isinstance(cls, type) and getattr(cls, "__dataselect_selector__", False)):
             raise InvalidArgument(f"plugin {plugin!r} registered {cls!r}, which is not a Selector subclass")
         if not cls.name or not cls.name.replace("_", "").replace("-", "").isalnum():
             raise InvalidArgument(f"plugin {plugin!r}: selector {cls.__name__} needs a name of letters, digits, '_' or '-'")

@@ -16,22 +16,10 @@ from typing import Any, ClassVar
 import torch
 
 from dataselect.errors import InvalidArgument
+from dataselect.names import MODES, SIGNALS
 
-MODES = ("online", "subset", "weighted")
-
-#: Signals the engine knows how to compute (see dataselect.engine).
-SIGNALS = (
-    "logits",
-    "loss",
-    "probs",
-    "features",
-    "grad_norm_last",
-    "grad_norm_full",
-    "input_grad_norm",
-    # DynaMS margins need the final layer's weights, which only the engine holds.
-    "boundary_margin",
-    "logit_margin",
-)
+#: Training modes and signal names live in `dataselect.names` (one spelling for CLIs, engine and plugins).
+__all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Selector"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +149,8 @@ class Selector:
     whole-pool logic, `select`; for training-side statistics, `on_report`).
     """
 
+    #: Marks strategy classes for the plugin manager, which checks registrations without importing torch.
+    __dataselect_selector__: ClassVar[bool] = True
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     #: Training mode the trainer uses unless told otherwise: online|subset|weighted.

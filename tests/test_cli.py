@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dataselect.cli import cli as dataselect_cli
+from dataselect.client.main import cli as dataselect_cli
 from dataselect.client.cli import train_command
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -112,7 +112,7 @@ def test_usage_error_is_one_line():
 
 
 def test_strategies_json_lists_builtins_with_plugins():
-    proc = _run("dataselect.cli", "strategies", "--json")
+    proc = _run("dataselect.client.main", "strategies", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = {row["name"]: row for row in json.loads(proc.stdout)}
     assert {"random", "high_loss"} <= set(rows)

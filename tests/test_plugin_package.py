@@ -40,7 +40,7 @@ EXAMPLE = REPO / "examples" / "dataselect-el2n"
 START, END = "<!-- plugin-guide:start -->", "<!-- plugin-guide:end -->"
 CMD_TIMEOUT = 120
 
-DATASELECT = ["-m", "dataselect.cli"]
+DATASELECT = ["-m", "dataselect.client.main"]
 SERVER = ["-m", "dataselect.server.cli"]
 TRAIN = ["-m", "dataselect.client.cli"]
 

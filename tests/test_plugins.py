@@ -23,7 +23,7 @@ from torch import nn
 
 import dataselect
 from dataselect import plugins as registry
-from dataselect.cli import cli
+from dataselect.client.main import cli
 from dataselect.client.remote import RemoteScorer
 from dataselect.client.scorer import SessionSpec
 from dataselect.errors import DataselectError, InvalidArgument, PluginError

@@ -1,0 +1,34 @@
+"""The names of dataselect's concepts, in one place and free of heavy imports.
+
+Command lines, the plugin manager and the engine all take their choice
+lists from here, so a name is spelled once and `--help` needs no torch.
+"""
+
+from __future__ import annotations
+
+#: Training modes a strategy may default to (`--mode`).
+MODES = ("online", "subset", "weighted")
+
+#: Selection policies that turn scores into a selection (`--policy`).
+POLICIES = ("topk", "class_balanced", "sample", "threshold")
+#: Policies that keep a variable number of samples (at most the budget) whatever the strategy declares.
+VARIABLE_SIZE_POLICIES = frozenset({"threshold"})
+
+#: Signals from one forward pass (the engine computes them under inference mode).
+FORWARD_SIGNALS = frozenset({"logits", "probs", "loss", "features", "grad_norm_last", "boundary_margin",
+                             "logit_margin"})
+#: Signals from one backward pass of the summed loss with respect to the inputs.
+GRAD_SIGNALS = frozenset({"input_grad_norm"})
+#: Signals that need every sample's own parameter gradient.
+PER_SAMPLE_GRAD_SIGNALS = frozenset({"grad_norm_full"})
+#: Every signal a strategy may ask for (`Selector.signals`).
+SIGNALS = tuple(sorted(FORWARD_SIGNALS | GRAD_SIGNALS | PER_SAMPLE_GRAD_SIGNALS))
+
+#: Autocast precisions for forward signals (`--precision`, `--score-precision`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Dtypes floating weights may travel in when pushed to a server (`--checkpoint-dtype`).
+CHECKPOINT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+#: What the trainer does when the scoring server goes away (`--on-server-failure`).
+ON_SERVER_FAILURE = ("retry", "fallback")
+#: Learning-rate schedules of `dataselect-train` (`--lr-schedule`).
+SCHEDULES = ("constant", "cosine", "onecycle")
