@@ -19,14 +19,20 @@ Layout of OUTPUT:
     results.csv, results.md     one row per strategy × model × dataset
     accuracy_vs_time.png, cost_breakdown.png
 
-Time to accuracy (`time_to_accuracy`): the wall-clock at which a run's test accuracy
-first reaches the target, linearly interpolated between the last epoch below the
-target and the first epoch at or above it. When the first measured epoch already
-reaches the target, its own wall-clock is reported: nothing was measured before it
-(the accuracy of the untrained model is not logged, and assuming 0 % would invent a
-curve), so the first observation is the honest figure and an upper bound on the
-true crossing time. Runs that never reach it count as "not reached"; the table shows
-the mean over the runs that reached it and "k/n reached".
+Time to accuracy: the seconds on the run's budget clock (wall-clock less data
+loading and evaluation, as `summary.json` counts them) at which its test accuracy
+first reaches the target, linearly interpolated between the last evaluation below
+the target and the first at or above it (`dataselect.client.costs.time_to_target`,
+the one definition the trainer uses too; `--eval-every` gives more points than the
+epoch ends). When the first evaluation already reaches the target, its own time is
+reported: nothing was measured before it, so it is the honest upper bound. Runs
+that never reach it count as "not reached"; the table shows the mean over the runs
+that reached it and "k/n reached".
+
+Variants (`--variants clean,noise=0.2,imbalance=10`): each dataset is also run with
+`--label-noise` / `--imbalance` (joined with `+` for both); a variant is reported as
+its own dataset row `mnist [noise=0.2]` with its own full-data baseline and target,
+always measured on the unchanged test set.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from dataselect.client.costs import time_to_target
 from dataselect.errors import DataselectError, InvalidArgument
 
 FULL = "full"
@@ -56,6 +63,7 @@ DEFAULT_TARGET_MARGIN = 0.005
 
 SUMMARY_METRICS = (
     "test_accuracy",
+    "noisy_share",
     "wall_seconds",
     "train_seconds",
     "score_seconds",
@@ -78,6 +86,8 @@ class CompareConfig:
     strategies: list[str]
     models: list[str] = field(default_factory=lambda: ["cnn-small"])
     datasets: list[str] = field(default_factory=lambda: ["mnist"])
+    #: Dataset variants: "clean", "noise=P", "imbalance=R", or both joined with "+".
+    variants: list[str] = field(default_factory=lambda: ["clean"])
     epochs: int = 3
     repeats: int = 3
     seed: int = 0
@@ -100,6 +110,10 @@ class CompareConfig:
             raise InvalidArgument("give at least one model and one dataset")
         if self.target is not None and not 0.0 < self.target <= 1.0:
             raise InvalidArgument(f"target accuracy is a fraction in (0, 1], got {self.target}; e.g. --target 0.99")
+        if not self.variants:
+            raise InvalidArgument("give at least one variant (clean, noise=P, imbalance=R)")
+        for v in self.variants:
+            variant_args(v)  # a typo fails now
         # The baseline is always run; naming it again would only duplicate it.
         self.strategies = [s for s in dict.fromkeys(self.strategies) if s != FULL]
 
@@ -108,19 +122,48 @@ class CompareConfig:
         return [FULL, *self.strategies]
 
 
+def variant_args(variant: str) -> list[str]:
+    """Trainer options of a variant: "clean" -> [], "noise=0.2" -> --label-noise 0.2, "imbalance=10" ->
+    --imbalance 10, "noise=0.2+imbalance=10" -> both."""
+    out: list[str] = []
+    for part in variant.split("+"):
+        key, sep, value = part.strip().partition("=")
+        if key == "clean" and not sep:
+            continue
+        flag = {"noise": "--label-noise", "imbalance": "--imbalance"}.get(key)
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if flag is None or not sep or not math.isfinite(number):
+            raise InvalidArgument(f"variant {variant!r}: use clean, noise=P (label noise rate in [0, 1)), "
+                                  "imbalance=R (largest/smallest class, >= 1), or both joined with '+'")
+        out += [flag, value]
+    return out
+
+
 @dataclass
 class RunSpec:
     dataset: str
     model: str
     strategy: str  # a label: a registered strategy name or FULL
     seed: int
+    variant: str = "clean"
+
+    @property
+    def label(self) -> str:
+        """The dataset as reported: `mnist`, or `mnist [noise=0.2]` for a variant."""
+        return self.dataset if self.variant == "clean" else f"{self.dataset} [{self.variant}]"
 
     def run_dir(self, output: Path) -> Path:
-        return Path(output) / "runs" / path_label(self.dataset) / self.model / self.strategy / f"seed{self.seed}"
+        where = Path(output) / "runs" / path_label(self.dataset)
+        if self.variant != "clean":
+            where = where / path_label(self.variant)
+        return where / self.model / self.strategy / f"seed{self.seed}"
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}/{self.model}/{self.strategy}/seed{self.seed}"
+        return f"{self.label}/{self.model}/{self.strategy}/seed{self.seed}"
 
 
 @dataclass
@@ -187,27 +230,18 @@ def accuracy_difference_points(accuracy: float, full_accuracy: float) -> float:
 
 
 def time_to_accuracy(metrics: Sequence[dict[str, Any]], target: float) -> float | None:
-    """Wall-clock seconds at which test accuracy first reaches `target`, or None if never.
+    """Wall-clock seconds (epoch lines' `wall_seconds`) at which test accuracy first reaches `target`;
+    see `dataselect.client.costs.time_to_target`, the one definition."""
+    return time_to_target(list(metrics), target, key="wall_seconds")
 
-    Interpolates linearly between the last epoch below the target and the first at or
-    above it; if the first measured epoch already reaches it, returns that epoch's
-    wall-clock (see the module docstring for why).
-    """
-    points = sorted(
-        ((m["epoch"], float(m["wall_seconds"]), float(m["test_accuracy"])) for m in metrics
-         if m.get("test_accuracy") is not None and m.get("wall_seconds") is not None),
-        key=lambda p: p[0],
-    )
-    prev: tuple[float, float] | None = None
-    for _, t, acc in points:
-        if acc >= target:
-            if prev is None:
-                return t
-            t0, a0 = prev
-            # a0 < target <= acc, so the slope is positive.
-            return t0 + (target - a0) / (acc - a0) * (t - t0)
-        prev = (t, acc)
-    return None
+
+def run_time_to_target(record: RunRecord, target: float) -> float | None:
+    """A run's time to `target`: from its evaluations on the budget clock (wall-clock less data loading
+    and evaluation, as `summary.json`'s `time_to_target_seconds`), else from its epoch lines."""
+    points = (record.summary or {}).get("eval_points")
+    if points:
+        return time_to_target(points, target)
+    return time_to_accuracy(record.metrics, target)
 
 
 def default_target(full_records: Sequence[RunRecord]) -> float | None:
@@ -235,12 +269,12 @@ def aggregate(records: Sequence[RunRecord], target: float | None = None) -> list
         dataset, model, strategy = key
         runs = groups[key]
         ok = [r for r in runs if r.ok]
-        stats = {m: mean_std(_num(r.summary.get(m)) for r in ok) for m in SUMMARY_METRICS}
+        stats = {m: mean_std(_metric(r.summary, m) for r in ok) for m in SUMMARY_METRICS}
         full = [r for r in groups.get((dataset, model, FULL), []) if r.ok]
         full_acc, _ = mean_std(r.summary["test_accuracy"] for r in full)
         full_wall, _ = mean_std(_num(r.summary.get("wall_seconds")) for r in full)
         row_target = target if target is not None else default_target(full)
-        times = [time_to_accuracy(r.metrics, row_target) for r in ok] if row_target is not None else []
+        times = [run_time_to_target(r, row_target) for r in ok] if row_target is not None else []
         reached = [t for t in times if t is not None]
         rows.append(ResultRow(
             dataset=dataset, model=model, strategy=strategy, runs=len(runs), runs_ok=len(ok),
@@ -253,6 +287,14 @@ def aggregate(records: Sequence[RunRecord], target: float | None = None) -> list
             errors=_grouped_errors(runs),
         ))
     return rows
+
+
+def _metric(summary: dict[str, Any], name: str) -> float | None:
+    """A summary figure; `noisy_share` is the share of the samples trained on whose label was flipped."""
+    if name == "noisy_share":
+        noisy, trained = summary.get("noisy_samples_trained"), summary.get("samples_trained")
+        return None if noisy is None or not trained else noisy / trained
+    return _num(summary.get(name))
 
 
 def _grouped_errors(runs: Sequence[RunRecord]) -> list[str]:
@@ -324,9 +366,10 @@ def write_results_csv(rows: Sequence[ResultRow], path: Path) -> None:
 
 def markdown_table(rows: Sequence[ResultRow]) -> str:
     """Mean ± std over repeats; accuracies in percent, times in seconds."""
+    noisy = any(not _isnan(r.stats["noisy_share"][0]) for r in rows)
     header = ["dataset", "model", "strategy", "runs ok", "test acc (%)", "wall (s)", "train (s)",
               "score (s)", "server (s)", "samples trained", "samples scored", "speed-up",
-              "Δacc (pts)", "target (%)", "time to target (s)", "errors"]
+              "Δacc (pts)", "target (%)", "time to target (s)", *(["noisy trained (%)"] if noisy else []), "errors"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         s = r.stats
@@ -346,6 +389,7 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
             "—" if _isnan(r.delta_accuracy_points) else f"{r.delta_accuracy_points:+.2f}",
             "—" if r.target is None else f"{r.target * 100:.2f}",
             ttt,
+            *([_pm(s["noisy_share"][0] * 100, s["noisy_share"][1] * 100, 1)] if noisy else []),
             "; ".join(e.replace("|", "\\|") for e in r.errors),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -503,8 +547,9 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
     strategies instead of biasing one.
     """
     return [
-        RunSpec(dataset, model, label, config.seed + r)
+        RunSpec(dataset, model, label, config.seed + r, variant)
         for dataset in config.datasets
+        for variant in config.variants
         for model in config.models
         for r in range(config.repeats)
         for label in config.labels()
@@ -534,7 +579,8 @@ def trainer_argv(config: CompareConfig, spec: RunSpec, run_dir: Path) -> list[st
     cmd = list(config.trainer_cmd or default_trainer_cmd())
     strategy = "random" if spec.strategy == FULL else spec.strategy
     cmd += ["--strategy", strategy, "--model", spec.model, "--dataset", spec.dataset,
-            "--epochs", str(config.epochs), "--seed", str(spec.seed), "--output", str(run_dir), "--quiet"]
+            "--epochs", str(config.epochs), "--seed", str(spec.seed), "--output", str(run_dir), "--quiet",
+            *variant_args(spec.variant)]
     if config.device:
         cmd += ["--device", config.device]
     if config.budget_seconds is not None:
@@ -555,7 +601,7 @@ def _last_line(text: str) -> str:
 
 def load_run(spec: RunSpec, run_dir: Path) -> RunRecord:
     """A finished run from its folder (summary.json, metrics.jsonl)."""
-    rec = RunRecord(spec.dataset, spec.model, spec.strategy, spec.seed)
+    rec = RunRecord(spec.label, spec.model, spec.strategy, spec.seed)
     rec.summary = json.loads((run_dir / "summary.json").read_text())
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists():
@@ -593,7 +639,7 @@ def execute_run(config: CompareConfig, spec: RunSpec) -> RunRecord:
         except (OSError, ValueError) as e:
             error = f"unreadable trainer output: {e}"
     (run_dir / "error.txt").write_text(error + "\n")
-    return RunRecord(spec.dataset, spec.model, spec.strategy, spec.seed, error=error)
+    return RunRecord(spec.label, spec.model, spec.strategy, spec.seed, error=error)
 
 
 def package_versions() -> dict[str, str]:
@@ -752,6 +798,9 @@ def _default_strategies() -> list[str]:
 @click.option("--models", default="cnn-small", show_default=True, help="Comma-separated models.")
 @click.option("--dataset", "datasets", default="mnist", show_default=True,
               help="Comma-separated datasets (NAME or NAME:ARG, e.g. imagefolder:DIR).")
+@click.option("--variants", default="clean", show_default=True,
+              help="Comma-separated dataset variants of the training split: clean, noise=P (symmetric label "
+                   "noise), imbalance=R (long-tailed classes), or both joined with '+'; each is its own row.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset folder (passed to the trainer).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -784,7 +833,7 @@ def _default_strategies() -> list[str]:
               help="Strategy option, repeatable (passed to the trainer; not to the baseline).")
 @click.option("--no-download", is_flag=True, help="Passed to the trainer: never download datasets.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAINER OPTIONS...]")
-def compare_command(strategies, models, datasets, data_dir, epochs, repeats, seed, output, target,
+def compare_command(strategies, models, datasets, variants, data_dir, epochs, repeats, seed, output, target,
                     budget_seconds, budget_samples, resume, train_subset, test_subset, batch_size, lr,
                     select_fraction, device, server, sync_every, momentum, weight_decay, threads, micro_batch,
                     init_from, mode, policy, options, no_download, extra):
@@ -813,7 +862,7 @@ def compare_command(strategies, models, datasets, data_dir, epochs, repeats, see
         config = CompareConfig(
             output=Path(output),
             strategies=_split(strategies) if strategies else _default_strategies(),
-            models=_split(models), datasets=_split(datasets), epochs=epochs, repeats=repeats, seed=seed,
+            models=_split(models), datasets=_split(datasets), variants=_split(variants), epochs=epochs, repeats=repeats, seed=seed,
             target=target, budget_seconds=budget_seconds, budget_samples=budget_samples, resume=resume,
             device=device, trainer_args=passthrough,
         )

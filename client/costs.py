@@ -33,6 +33,24 @@ class Costs:
     full_data_epochs: int = 0
 
 
+def time_to_target(points: list[dict[str, Any]], target: float, *, key: str = "seconds") -> float | None:
+    """When test accuracy first reached `target`: linearly interpolated between the last evaluation
+    below it and the first at or above it (`key` of those points: "seconds" on the budget clock, i.e.
+    wall-clock less data loading and evaluation). When the first evaluation already reaches it, its
+    own time: nothing was measured before it, so that is the honest upper bound. None if never."""
+    pts = sorted(((float(p[key]), float(p["test_accuracy"])) for p in points
+                  if p.get(key) is not None and p.get("test_accuracy") is not None), key=lambda p: p[0])
+    prev: tuple[float, float] | None = None
+    for t, acc in pts:
+        if acc >= target:
+            if prev is None:
+                return t
+            t0, a0 = prev
+            return t0 + (target - a0) / (acc - a0) * (t - t0)  # a0 < target <= acc
+        prev = (t, acc)
+    return None
+
+
 def selection_payoff(summary: dict[str, Any]) -> dict[str, Any]:
     """Did selection pay off? An estimate from the run's own figures.
 

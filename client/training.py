@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataselect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from dataselect.client.costs import Costs
+from dataselect.client.costs import Costs, time_to_target
 from dataselect.engine import synchronize
 from dataselect.errors import InvalidArgument
 from dataselect.names import SCHEDULES
@@ -168,7 +168,11 @@ class RunClock:
             while self.next_eval <= costs.samples_trained:
                 self.next_eval += self.eval_every
         if self.target_accuracy is not None and self.target_seconds is None and acc >= self.target_accuracy:
-            self.target_seconds, self.target_samples, self.target_cpu_seconds = seconds, costs.samples_trained, cpu
+            # Interpolated between this evaluation and the one before, as `dataselect compare` reports it.
+            points = self.eval_points
+            self.target_seconds = time_to_target(points, self.target_accuracy)
+            self.target_samples = round(time_to_target(points, self.target_accuracy, key="samples_trained"))
+            self.target_cpu_seconds = time_to_target(points, self.target_accuracy, key="cpu_seconds")
         return acc, loss
 
 

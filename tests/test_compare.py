@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from dataselect.errors import InvalidArgument
+
 from dataselect.client import compare as C
 from dataselect.client.compare import (
     FULL,
+    markdown_table,
     CompareConfig,
     RunRecord,
     aggregate,
@@ -358,3 +361,38 @@ def test_real_trainer_on_synthetic_data(tmp_path):
     summary = json.loads((out / "runs/synthetic/cnn-small/full/seed0/summary.json").read_text())
     assert summary["config"]["select_fraction"] == 1.0 and summary["strategy"] == "random"
     assert (out / "accuracy_vs_time.png").exists() and (out / "cost_breakdown.png").exists()
+
+
+def test_variants_become_their_own_rows_with_the_trainer_flags(tmp_path):
+    from dataselect.client import compare as C
+
+    assert C.variant_args("clean") == []
+    assert C.variant_args("noise=0.2") == ["--label-noise", "0.2"]
+    assert C.variant_args("noise=0.4+imbalance=10") == ["--label-noise", "0.4", "--imbalance", "10"]
+    for bad in ("noisy=0.2", "noise", "imbalance=x", ""):
+        with pytest.raises(InvalidArgument, match="clean, noise=P"):
+            C.variant_args(bad)
+    cfg = C.CompareConfig(output=tmp_path, strategies=["high_loss"], variants=["clean", "noise=0.2"], repeats=2)
+    specs = C.plan_runs(cfg)
+    assert len(specs) == 2 * 2 * 2 and {s.label for s in specs} == {"mnist", "mnist [noise=0.2]"}
+    noisy = next(s for s in specs if s.variant == "noise=0.2")
+    argv = C.trainer_argv(cfg, noisy, tmp_path)
+    assert argv[argv.index("--label-noise") + 1] == "0.2"
+    assert noisy.run_dir(tmp_path) != next(s for s in specs if s.variant == "clean"
+                                           and s.strategy == noisy.strategy and s.seed == noisy.seed).run_dir(tmp_path)
+
+
+def test_time_to_target_comes_from_the_budget_clock_when_the_run_has_evaluation_points():
+    from dataselect.client.compare import run_time_to_target
+
+    r = rec("high_loss", 0, 0.95, 20.0, metrics=[ep(1, 10.0, 0.8), ep(2, 20.0, 0.9)])
+    r.summary["eval_points"] = [{"seconds": 4.0, "test_accuracy": 0.8}, {"seconds": 8.0, "test_accuracy": 0.9}]
+    assert run_time_to_target(r, 0.85) == pytest.approx(6.0)  # not the epoch lines' wall-clock (15 s)
+
+
+def test_noisy_share_is_reported_for_noisy_variants():
+    a = rec("high_loss", 0, 0.9, 10.0)
+    a.summary.update(noisy_samples_trained=30, samples_trained=100)
+    rows = aggregate([rec(FULL, 0, 0.9, 10.0), a])
+    assert rows[1].stats["noisy_share"][0] == pytest.approx(0.3)
+    assert "noisy trained (%)" in markdown_table(rows) and "30.0" in markdown_table(rows)

@@ -3,6 +3,7 @@ variants recorded in the summary, and learning-rate schedules."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -111,3 +112,26 @@ def test_dataselect_compare_accepts_an_imagefolder(tmp_path):
     assert len(rows) == 3 and all(f"imagefolder:{root}" in r for r in rows[1:])
     summary = json.loads(next((tmp_path / "out" / "runs").rglob("summary.json")).read_text())
     assert summary["dataset"] == f"imagefolder:{root}"
+
+
+@pytest.mark.slow
+def test_dataselect_compare_over_variants_reports_each_cell_and_the_noisy_share(tmp_path):
+    from click.testing import CliRunner
+
+    from dataselect.client.main import cli
+
+    result = CliRunner().invoke(cli, ["compare", "--strategies", "high_loss", "--dataset", "synthetic",
+                                      "--variants", "clean,noise=0.3", "--epochs", "1", "--repeats", "1",
+                                      "--train-subset", "400", "--test-subset", "200", "--device", "cpu",
+                                      "--threads", "1", "--output", str(tmp_path / "out"), "--", "--batch-size", "32"])
+    assert result.exit_code == 0, result.output
+    rows = {(r["dataset"], r["strategy"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert set(rows) == {("synthetic", "full"), ("synthetic", "high_loss"), ("synthetic [noise=0.3]", "full"),
+                         ("synthetic [noise=0.3]", "high_loss")}
+    assert rows[("synthetic", "high_loss")]["noisy_share_mean"] in ("", "nan")
+    share = float(rows[("synthetic [noise=0.3]", "full")]["noisy_share_mean"])
+    assert 0.2 < share < 0.4  # full data trains on every sample, so on the noise rate
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").rglob("summary.json")]
+    noisy = [s for s in summaries if s["variant"]]
+    assert len(summaries) == 4 and len(noisy) == 2
+    assert all(s["variant"]["label_noise"] == 0.3 and s["config"]["batch_size"] == 32 for s in noisy)
