@@ -12,8 +12,11 @@ the load and once every session has closed, and their ratio.
 
 `--memory-variants` runs the load once per server memory setting, one after the
 other in the same run: glibc's defaults with nothing handed back (the baseline),
-`malloc_trim` after sessions close, malloc arenas capped at 2, and both (the
-server's default). The ratio RSS after / RSS before says how much memory came back.
+`malloc_trim` after sessions close, that plus malloc arenas capped at 2, a fixed
+1 MiB mmap threshold alone, and all three (the server's default). The ratio
+RSS after / RSS before says how much memory came back; RssAnon and RssFile split
+it into heap and mapped files (the parts of libtorch scoring touched, which no
+trim gives back).
 """
 
 from __future__ import annotations
@@ -33,20 +36,23 @@ from concurrent import futures
 import torch
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/PID/status figure in MiB: VmRSS (resident), RssAnon (heap, stacks) or RssFile (mapped files,
+    e.g. the parts of libtorch that scoring has touched: not memory a trim can give back)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 #: --memory-variants: name -> extra server arguments.
 MEMORY_VARIANTS = {
-    "baseline (no trim, glibc arenas)": ["--no-trim-memory", "--malloc-arena-max", "0"],
-    "malloc_trim": ["--trim-memory", "--malloc-arena-max", "0"],
-    "2 arenas": ["--no-trim-memory", "--malloc-arena-max", "2"],
-    "malloc_trim + 2 arenas (default)": ["--trim-memory", "--malloc-arena-max", "2"],
+    "baseline: glibc defaults, no trim": ["--no-trim-memory", "--malloc-arena-max", "0", "--malloc-mmap-threshold-kb", "0"],
+    "malloc_trim": ["--trim-memory", "--malloc-arena-max", "0", "--malloc-mmap-threshold-kb", "0"],
+    "malloc_trim + 2 arenas": ["--trim-memory", "--malloc-arena-max", "2", "--malloc-mmap-threshold-kb", "0"],
+    "fixed 1 MiB mmap threshold": ["--no-trim-memory", "--malloc-arena-max", "0", "--malloc-mmap-threshold-kb", "1024"],
+    "all three (the server's default)": ["--trim-memory", "--malloc-arena-max", "2", "--malloc-mmap-threshold-kb", "1024"],
 }
 #: How long to wait after the last session closed before reading RSS (the server trims within ~0.2 s).
 SETTLE_SECONDS = 2.0
@@ -87,13 +93,16 @@ def main(argv=None) -> int:
     variants = MEMORY_VARIANTS if args.memory_variants else {"server": args.server_args.split()}
     results = [run_load(args, name, extra) for name, extra in variants.items()]
     print("| server | clients x requests | pool | errors | p50 ms | p99 ms | Selects/s | samples/s "
-          "| RSS before load (MiB) | RSS after, sessions closed (MiB) | after / before |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| RSS before load (MiB) | RSS after, sessions closed (MiB) | after / before "
+          "| of which anon before -> after | file-backed before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['server']} | {r['clients']} x {r['requests_per_client']} | {r['pool']} | {r['errors']} | "
               f"{r['p50_ms'] or 0:.1f} | {r['p99_ms'] or 0:.1f} | {r['throughput_selects_per_s']:.1f} | "
               f"{r['throughput_samples_per_s']:.0f} | {r['server_rss_before_mib']:.0f} | "
-              f"{r['server_rss_after_mib']:.0f} | {r['rss_after_over_before']:.2f} |")
+              f"{r['server_rss_after_mib']:.0f} | {r['rss_after_over_before']:.2f} | "
+              f"{r['server_rss_anon_before_mib']:.0f} -> {r['server_rss_anon_after_mib']:.0f} | "
+              f"{r['server_rss_file_before_mib']:.0f} -> {r['server_rss_file_after_mib']:.0f} |")
         for e in r["first_errors"]:
             print("error:", e)
     if args.json:
@@ -119,6 +128,7 @@ def run_load(args, name: str, extra: list[str]) -> dict:
     lock = threading.Lock()
     try:
         rss_before = rss_mib(proc.pid)
+        anon_before, file_before = rss_mib(proc.pid, "RssAnon"), rss_mib(proc.pid, "RssFile")
 
         def client(c: int) -> None:
             g = torch.Generator().manual_seed(c)
@@ -150,6 +160,7 @@ def run_load(args, name: str, extra: list[str]) -> dict:
         wall = time.perf_counter() - t0
         time.sleep(SETTLE_SECONDS)  # every client closed its session on leaving its `with`
         rss_after = rss_mib(proc.pid)
+        anon_after, file_after = rss_mib(proc.pid, "RssAnon"), rss_mib(proc.pid, "RssFile")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -165,6 +176,8 @@ def run_load(args, name: str, extra: list[str]) -> dict:
         "throughput_samples_per_s": len(lat) * args.pool / wall,
         "server_rss_before_mib": rss_before, "server_rss_after_mib": rss_after,
         "rss_after_over_before": rss_after / rss_before, "server": name, "server_args": list(extra),
+        "server_rss_anon_before_mib": anon_before, "server_rss_anon_after_mib": anon_after,
+        "server_rss_file_before_mib": file_before, "server_rss_file_after_mib": file_after,
     }
     return result
 

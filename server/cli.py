@@ -13,8 +13,10 @@ import click
 from dataselect.errors import DataselectError
 
 log = logging.getLogger("dataselect.server")
-#: Default for --malloc-arena-max (see benchmarks/load_test.py for the measurement behind it).
+#: Defaults for --malloc-arena-max and --malloc-mmap-threshold-kb (benchmarks/load_test.py --memory-variants
+#: measures them against glibc's defaults).
 MALLOC_ARENAS = 2
+MALLOC_MMAP_THRESHOLD_KB = 1024
 
 
 def _fail(message: str) -> None:
@@ -77,18 +79,23 @@ class MicroBatch(click.ParamType):
               help="Model state all sessions together may hold, in MiB [default: half the physical memory].")
 @click.option("--malloc-arena-max", default=MALLOC_ARENAS, show_default=True, type=click.IntRange(0),
               help="Cap glibc's malloc arenas (fewer arenas: less memory held after load; 0 = glibc's default).")
+@click.option("--malloc-mmap-threshold-kb", default=MALLOC_MMAP_THRESHOLD_KB, show_default=True,
+              type=click.IntRange(0, 32 * 1024),
+              help="Blocks from this size are mmapped and handed back when freed; fixing it also stops glibc "
+                   "from growing it (and the arenas with it) after bursts (0 = glibc's adaptive default).")
 @click.option("--trim-memory/--no-trim-memory", default=True, show_default=True,
               help="Hand freed memory back to the OS (malloc_trim) after sessions close.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(host, port, device, max_message_mb, micro_batch, precision, channels_last, compile_model, threads, workers,
          grace_seconds, max_queue, max_sessions, session_ttl, token_file, tls_cert, tls_key, checkpoint_dir,
-         stream_idle_seconds, session_memory_mb, memory_budget_mb, malloc_arena_max, trim_memory, log_level):
+         stream_idle_seconds, session_memory_mb, memory_budget_mb, malloc_arena_max, malloc_mmap_threshold_kb,
+         trim_memory, log_level):
     """Serve dataselect.v1.Selection: score candidate pools for dataselect-train."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dataselect.server.sessions import limit_malloc_arenas
+    from dataselect.server.sessions import tune_malloc
 
-    limit_malloc_arenas(malloc_arena_max)  # before the RPC threads start allocating
+    tune_malloc(malloc_arena_max, malloc_mmap_threshold_kb * 1024)  # before the RPC threads start allocating
     from dataselect.engine import resolve_device, resolve_precision
     from dataselect.plugins import selectors
     from dataselect.server.app import AddressInUse, serve

@@ -46,16 +46,28 @@ def release_memory() -> bool:
     return True
 
 
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Cap glibc's malloc arenas (`mallopt(M_ARENA_MAX)`); call before worker threads start.
+def tune_malloc(arenas: int = 0, mmap_threshold: int = 0) -> bool:
+    """Make glibc's malloc give memory back; call before worker threads start allocating.
 
-    Each thread that allocates may get its own arena, and memory freed in one arena
-    cannot serve another, so many RPC threads grow the heap far beyond what is in use.
+    `arenas` > 0 caps the malloc arenas (`M_ARENA_MAX`): each thread that allocates may
+    get its own arena, and memory freed in one cannot serve another.
+    `mmap_threshold` > 0 fixes the size from which blocks are mmapped (`M_MMAP_THRESHOLD`).
+    By default glibc raises that threshold, up to 32 MiB, each time a large block is
+    freed, and the trim threshold with it (to 64 MiB), so after a burst of scoring the
+    activations of later micro-batches come from the arenas, and a thread's arena never
+    shrinks again (`malloc_trim` does not shrink thread arenas' tops). Fixed, large
+    tensors are mapped and unmapped, and freed arena tops are returned as they free.
+    Returns False where there is no glibc.
     """
-    if _LIBC is None or arenas <= 0:
+    if _LIBC is None:
         return False
-    M_ARENA_MAX = -8
-    return bool(_LIBC.mallopt(M_ARENA_MAX, int(arenas)))
+    M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+    ok = True
+    if arenas > 0:
+        ok &= bool(_LIBC.mallopt(M_ARENA_MAX, int(arenas)))
+    if mmap_threshold > 0:
+        ok &= bool(_LIBC.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+    return ok
 
 
 def session_bytes(session: ScoringSession) -> int:

@@ -357,6 +357,8 @@ def test_memory_is_handed_back_after_sessions_close(monkeypatch):
 
     if sys.platform.startswith("linux"):
         assert sessions.release_memory() is True  # glibc's malloc_trim is there
+        assert sessions.tune_malloc(0, 0) is True  # nothing asked: nothing changed
+        assert sessions.tune_malloc(8, 32 * 2**20) is True  # glibc accepts the server's settings
     calls = []
     monkeypatch.setattr(sessions, "release_memory", lambda: calls.append(time.monotonic()) or True)
     with serve(port=0, session_ttl=0.5) as running, grpc.insecure_channel(running.address) as ch:
