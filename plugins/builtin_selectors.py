@@ -29,10 +29,15 @@ class RandomSelector(Selector):
 
 
 class HighLossSelector(Selector):
-    """Jiang et al. 2019, "biggest losers": the highest per-sample cross-entropy first."""
+    """The highest per-sample cross-entropy of the scoring pass (eval mode) first.
+
+    The deterministic top-k form of the "biggest losers" idea of Jiang et al.
+    ("Accelerating Deep Learning by Focusing on the Biggest Losers", arXiv 2019);
+    `selective_backprop` is their probabilistic rule.
+    """
 
     name = "high_loss"
-    description = "Highest per-sample loss first (Jiang et al. 2019, seed 000)."
+    description = "Highest per-sample loss first (top-k form of Jiang et al., arXiv 2019)."
     default_mode = "online"
     default_policy = "topk"
     signals = frozenset({"loss"})

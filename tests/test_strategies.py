@@ -1,13 +1,14 @@
 """Strategy logic on hand-made pools and reports (no model needed except via sessions)."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from dataselect.errors import InvalidArgument
 from dataselect.plugins import get_selector
-from dataselect.plugins.base import Pool, Progress, SessionContext
+from dataselect.plugins.base import Pool, Progress, RunPlan, SessionContext
 from dataselect.plugins.strategies.mrmc import fit_reduction
 
 
@@ -155,6 +156,12 @@ def test_importance_sampling_ema_and_reweight():
     ("importance_sampling", {"reweight": "maybe"}),
     ("selective_backprop", {"beta": "x"}),
     ("infobatch", {"prune_ratio": 1.0}),
+    ("infobatch", {"prune_ratio": 0.95}),
+    ("mrmc", {"warmup_epochs": 10 ** 12}),
+    ("mrmc", {"scoring_point": False, "warmup_epochs": 1}),
+    ("importance_sampling", {"estimate": "sometimes"}),
+    ("selective_backprop", {"history": 10 ** 12}),
+    ("dynams", {"warmup_epochs": -1}),
 ])
 def test_options_validated(name, opts):
     with pytest.raises(InvalidArgument):
@@ -173,10 +180,20 @@ def test_dynams_selects_smallest_margins_and_schedule():
     m = torch.tensor([0.5, -1.0, 2.0, 0.1])
     assert sel.select(pool(torch.arange(4), boundary_margin=m), 2, "topk").indices.tolist() == [1, 3]
     sched = make("dynams", schedule="power", exponent=2.0)
+    # E = 4: epoch 0 ends at t = 1/4: ceil(4 * (5/8)^2) = ceil(1.5625) = 2; the last epoch (3) ends at t = 1: 4.
     p0 = pool(torch.arange(4), boundary_margin=m, progress=Progress(epoch=0, total_epochs=4))
-    p1 = pool(torch.arange(4), boundary_margin=m, progress=Progress(epoch=4, total_epochs=4))
-    assert sched.select(p0, 4, "topk").indices.numel() == 1
-    assert sched.select(p1, 4, "topk").indices.numel() == 4
+    p3 = pool(torch.arange(4), boundary_margin=m, progress=Progress(epoch=3, total_epochs=4))
+    assert sched.select(p0, 4, "topk").indices.tolist() == [1, 3]
+    assert sched.select(p3, 4, "topk").indices.numel() == 4
+
+
+def test_dynams_power_schedule_reaches_the_budget_in_the_last_epoch():
+    """It used to stop at ((2E-1)/2E)^k of the budget: 57 of 100 at E=2, k=2."""
+    sched = make("dynams", schedule="power", exponent=2.0)
+    margins = torch.linspace(-1, 1, 100)
+    sizes = [sched.select(pool(torch.arange(100), boundary_margin=margins, progress=Progress(epoch=e, total_epochs=2)),
+                          100, "topk").indices.numel() for e in range(2)]
+    assert sizes == [math.ceil(100 * 0.75 ** 2), 100]  # epoch 0 ends at t = 1/2: (1.5/2)^2 = 0.5625
 
 
 def test_dynams_psp_options():
@@ -189,3 +206,140 @@ def test_dynams_psp_options():
         make("dynams", proxy="psp", width_ratio=1.5)
     with pytest.raises(InvalidArgument, match="width_ratio only apply with proxy=psp"):
         make("dynams", width_ratio=0.5)
+
+
+# -- options are bounded at open -------------------------------------------------------------
+
+def _numeric_options():
+    from dataselect.plugins import selectors
+
+    for name in sorted(selectors()):
+        for key, opt in get_selector(name).options.items():
+            if opt.type in (int, float):
+                yield name, key, opt
+
+
+@pytest.mark.parametrize("name,key,opt", list(_numeric_options()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_option_is_bounded_and_its_bounds_are_usable(name, key, opt):
+    """Nothing accepted at open may fail later (warmup_epochs=10**12 once allocated a 10**12-column table at the
+    first Report): every number has both bounds, and a session opens at either end."""
+    assert opt.min is not None and opt.max is not None, f"{name}.{key} needs min= and max="
+    with pytest.raises(InvalidArgument, match=key):
+        make(name, **{key: opt.max * 10 + 1})
+    extra = {"proxy": "psp"} if name == "dynams" and key in ("width_ratio", "proxy_weight", "agreement_sample") else {}
+    if name == "mrmc" and key == "warmup_epochs":
+        extra = {"scoring_point": True}
+    for end in (opt.min, opt.max):
+        if name == "dynams" and key == "width_ratio" and end == 0:
+            continue  # (0, 1]: refused by the strategy itself, tested in test_dynams_psp_options
+        make(name, **extra, **{key: opt.type(end)})
+
+
+def test_mrmc_table_is_bounded_by_the_largest_warmup():
+    sel = make("mrmc", warmup_epochs=get_selector("mrmc").options["warmup_epochs"].max)
+    sel.on_report(torch.arange(1000), torch.rand(1000), None, None, Progress(epoch=0))
+    assert sel.table.data["loss"].numel() * 8 <= 1024 * 100 * 8  # rows grow by doubling from 64: 1024 × 100
+
+
+# -- warm-ups fitted to the run (Selector.plan) --------------------------------------------------
+
+def plan(name, epochs, mode=None, **options):
+    cls = get_selector(name)
+    return cls.plan(cls.resolve_options(options), RunPlan(epochs=epochs, mode=mode or cls.default_mode))
+
+
+@pytest.mark.parametrize("name,epochs,mode,expect", [
+    ("mrmc", 20, None, 10), ("mrmc", 10, None, 5), ("mrmc", 3, None, 1),
+    ("importance_sampling", 3, None, 2), ("importance_sampling", 2, None, 1),
+    ("selective_backprop", 2, None, 1.0), ("selective_backprop", 1, None, 0.5), ("selective_backprop", 1, "subset", 0),
+    ("dynams", 2, None, 1.0), ("dynams", 1, "online", 0.5), ("dynams", 3, "online", 1.0),
+])
+def test_a_warmup_that_fits_is_kept_and_one_that_fills_the_run_is_halved_with_a_warning(name, epochs, mode, expect):
+    default = get_selector(name).options["warmup_epochs"].default
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = plan(name, epochs, mode)["warmup_epochs"]
+    assert got == expect and type(got) is type(get_selector(name).options["warmup_epochs"].default)
+    if expect == default:
+        assert not caught
+    else:
+        assert len(caught) == 1
+        text = str(caught[0].message)
+        assert f"warmup_epochs={default:g}" in text and f"using warmup_epochs={expect:g}" in text and name in text
+
+
+@pytest.mark.parametrize("name,mode,fix", [
+    ("mrmc", None, "--epochs 2"), ("importance_sampling", None, "--epochs 2"),
+    ("dynams", "subset", "--mode online"), ("dynams", "weighted", "warmup_epochs=0"),
+])
+def test_a_one_epoch_run_that_cannot_select_after_warmup_is_refused_naming_the_fix(name, mode, fix):
+    with pytest.raises(InvalidArgument, match="select nothing") as err:
+        plan(name, 1, mode)
+    assert fix in str(err.value) and name in str(err.value)
+
+
+def test_mrmc_without_the_scoring_point_needs_two_warmup_epochs_in_the_plan_too():
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert plan("mrmc", 4, scoring_point=False)["warmup_epochs"] == 2
+    with pytest.raises(InvalidArgument, match="--epochs 4"):
+        plan("mrmc", 3, scoring_point=False)
+
+
+def test_an_explicit_warmup_below_the_run_is_left_alone():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan("dynams", 1, "online", warmup_epochs=0.25)["warmup_epochs"] == 0.25
+        assert plan("dynams", 1, "subset", warmup_epochs=0)["warmup_epochs"] == 0
+        assert plan("importance_sampling", 1, warmup_epochs=0)["warmup_epochs"] == 0
+
+
+# -- MRMC's training-mode-only curves ------------------------------------------------------------
+
+def test_mrmc_scoring_point_false_fits_the_reported_losses_alone():
+    # Reported (training-mode) losses 1.0, 0.5 at r = 1, 2 -> q = 2, w = 2, H = 2: φ = 2 (1 - 1/4) = 1.5,
+    # whatever the scoring pass says; with the scoring point (0.25 at r = 3) φ = 2 (1 - 1/8) = 1.75.
+    ids = torch.tensor([7])
+    for scoring_point, expect in ((False, 1.5), (True, 1.75)):
+        sel = make("mrmc", warmup_epochs=2, rho=1.0, scoring_point=scoring_point)
+        for e, loss in enumerate((1.0, 0.5)):
+            sel.on_report(ids, torch.tensor([loss]), None, None, Progress(epoch=e))
+        out = sel.select(pool(ids, loss=torch.tensor([0.25]), features=torch.randn(1, 3)), 1, "topk")
+        assert out.scores[0].item() == pytest.approx(expect, rel=1e-6)
+
+
+# -- importance sampling: estimate once or keep updating --------------------------------------------
+
+def test_importance_sampling_running_estimate_keeps_following_reports():
+    sel = make("importance_sampling", warmup_epochs=1, momentum=0.0, epsilon=0.0, estimate="running")
+    ids = torch.arange(2)
+    sel.on_report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0))
+    sel.select(pool(ids, progress=Progress(epoch=1)), 2, "topk")
+    sel.on_report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1))
+    assert sel.probabilities(ids).tolist() == [0.0, 1.0]
+    assert not sel.frozen
+
+
+# -- the threshold policy is variable-size for any score-based strategy --------------------------------
+
+def test_threshold_policy_with_high_loss_through_a_scoring_session():
+    """`--policy threshold` with high_loss used to end in INTERNAL: "selected 42 samples for a budget of 60"."""
+    import torch.nn.functional as F
+
+    from dataselect.scoring import PoolChunk, ScoringSession
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(120, 12, generator=g), torch.randint(0, 3, (120,), generator=g)
+    session = ScoringSession("high_loss", {}, mlp, num_classes=3, seed=0, policy="threshold")
+    session.load_state_dict(mlp.state_dict(), 1)
+    result = session.select([PoolChunk(ids=torch.arange(120) + 500, labels=y, inputs=x)], 90)
+    with torch.no_grad():
+        losses = F.cross_entropy(mlp(x), y, reduction="none")
+    above = torch.nonzero(losses >= losses.mean(), as_tuple=True)[0]
+    assert 0 < above.numel() < 90  # the case that failed: fewer at or above the mean than the budget
+    assert sorted(result.selected_ids.tolist()) == sorted((above + 500).tolist())
+    # Above the budget, the highest scores fill it.
+    capped = session.select([PoolChunk(ids=torch.arange(120) + 500, labels=y, inputs=x)], 5)
+    assert set(capped.selected_ids.tolist()) == set((torch.topk(losses, 5).indices + 500).tolist())

@@ -1,4 +1,4 @@
-"""The seed strategies beyond the baselines (registered by `plugins.builtin_selectors`)."""
+"""The published strategies beyond the baselines (registered by `plugins.builtin_selectors`)."""
 
 from dataselect.plugins.strategies.mrmc import MRMCSelector
 from dataselect.plugins.strategies.report_based import (

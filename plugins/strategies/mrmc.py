@@ -1,4 +1,4 @@
-"""MRMC (seed 001): maximum loss reduction as maximum contribution."""
+"""MRMC: maximum loss reduction as maximum contribution (“Maximum Reduction as Maximum Contribution”, ICML 2025)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dataselect.plugins.base import Option, Pool, Progress, Selection, Selector
+from dataselect.errors import InvalidArgument
+from dataselect.plugins.base import Option, Pool, Progress, RunPlan, Selection, Selector
 from dataselect.plugins.policies import apply_policy, topk
 from dataselect.plugins.strategies.state import IdTable
+from dataselect.plugins.strategies.warmup import fit_warmup
+
+#: The most warm-up epochs MRMC records: its loss table holds samples × warmup_epochs float64 values
+#: (60,000 samples × 100 = 48 MB); the paper warms up for 10 to 20 epochs.
+MAX_MRMC_WARMUP = 100
 
 
 def fit_reduction(losses: torch.Tensor, horizon: int) -> torch.Tensor:
@@ -36,42 +42,62 @@ def fit_reduction(losses: torch.Tensor, horizon: int) -> torch.Tensor:
 
 
 class MRMCSelector(Selector):
-    """MRMC / MRMC-R (seed 001): static core-set of the samples whose loss falls most.
+    """MRMC / MRMC-R (ICML 2025): a static core-set of the samples whose loss falls most.
 
     Training-side reports during the first `warmup_epochs` epochs (0-based
     `Progress.epoch` < warmup_epochs, full-data training) record each sample's
     loss once per epoch (a later report in the same epoch overwrites): points
-    r = 1..R. The selection's own scoring pass, made with the model as it is
-    after warm-up, adds the end-of-warm-up loss as point r = R + 1 (the
-    "scoring pass at epoch end" of STRATEGIES.md), so one warm-up epoch
-    already gives two points. Each sample's curve is fitted as
-    ℓ^(r) ≈ q·w^−r and scored φ = q(1 − w^−H), H = the number of points
-    (R + 1 with the scoring pass). Samples with fewer than two points get φ = 0.
+    r = 1..R. These are training-mode losses (batch norm with batch statistics,
+    dropout on). With `scoring_point` (default) the selection's own scoring
+    pass, made with the model as it is after warm-up, adds the end-of-warm-up
+    loss as point r = R + 1, so one warm-up epoch already gives two points; that
+    point is an eval-mode loss, which for batch-norm or dropout models is
+    measured differently from the others: `scoring_point=false` fits the
+    training-mode losses alone (and needs warmup_epochs >= 2). Each sample's
+    curve is fitted as ℓ^(r) ≈ q·w^−r and scored φ = q(1 − w^−H), H = the number
+    of points. Samples with fewer than two points get φ = 0.
 
     Balance (MRMC-R, `rho` < 1): the top ⌈rho·k⌉ by φ are taken; a softmax
     linear proxy is fitted on their penultimate features (standardised,
     L-BFGS from zero, L2 1e-3, so deterministic); the rest are ranked by
     φ − gamma·p'_y and fill the remaining places. `rho=1` is plain MRMC.
     Policies other than topk are applied to φ directly, without balance.
+
+    A warm-up that would fill the run is cut to half the run with a warning;
+    a run too short for one warm-up epoch and one core-set epoch is refused
+    (`plan`).
     """
 
     name = "mrmc"
-    description = "Maximum loss reduction as maximum contribution, balanced by a linear proxy (MRMC-R, seed 001)."
+    description = ("Static core-set of the samples whose warm-up loss falls most, balanced by a linear proxy "
+                   "(MRMC-R, “Maximum Reduction as Maximum Contribution”, ICML 2025).")
     default_mode = "subset"
     default_policy = "topk"
     signals = frozenset({"features", "loss"})
     uses_reports = True
     static = True
     options = {
-        "warmup_epochs": Option(int, 10, "full-data epochs whose losses are fitted (R); the selection's scoring pass adds one more point", min=1),
+        "warmup_epochs": Option(int, 10, "full-data epochs whose training losses are fitted (R)", min=1,
+                                max=MAX_MRMC_WARMUP),
+        "scoring_point": Option(bool, True, "add the selection's scoring-pass loss (eval mode) as the last point of "
+                                "each curve; false: training-mode losses only (needs warmup_epochs >= 2)"),
         "rho": Option(float, 0.3, "fraction of the budget taken by φ alone (1 = plain MRMC)", min=0.0, max=1.0),
-        "gamma": Option(float, 2.0, "penalty on the proxy's true-class probability", min=0.0),
+        "gamma": Option(float, 2.0, "penalty on the proxy's true-class probability", min=0.0, max=1000.0),
     }
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
+        if not self.opts["scoring_point"] and self.opts["warmup_epochs"] < 2:
+            raise InvalidArgument("strategy 'mrmc': scoring_point=false fits the warm-up's training losses alone, "
+                                  f"which needs warmup_epochs >= 2 (got {self.opts['warmup_epochs']})")
         self.table = IdTable({"loss": ((self.opts["warmup_epochs"],), math.nan)})
         self.first_epoch: int | None = None
+
+    @classmethod
+    def plan(cls, options, run: RunPlan):
+        points = 1 if options.get("scoring_point", True) else 2
+        return fit_warmup(cls.name, options, run, minimum=points, integer=True,
+                          needs=f"it fits loss curves to at least {points} full-data epoch(s)")
 
     def on_report(self, ids, losses, true_class_probs, correct, progress: Progress) -> None:
         if self.first_epoch is None:
@@ -90,7 +116,7 @@ class MRMCSelector(Selector):
         return fit_reduction(curves, curves.shape[1])
 
     def select(self, pool: Pool, budget: int, policy: str) -> Selection:
-        phi = self.reduction(pool.ids, pool.signals.get("loss")).float()
+        phi = self.reduction(pool.ids, pool.signals.get("loss") if self.opts["scoring_point"] else None).float()
         if policy != "topk":
             return apply_policy(policy, phi, pool.labels, budget, self.context.generator)
         first = min(budget, math.ceil(self.opts["rho"] * budget))
