@@ -37,25 +37,37 @@ Fixes (`--fixes`, comma-separated; parts of one fix joined by '+'):
   warm=K         fresh scoring for the first K steps, then overlap.
   auto=TAU       fresh scoring until the pool loss settles, then overlap. The
                  scorer returns each pool's mean loss; E is its exponential
-                 moving average over pools (alpha 2/11); after at least 20 steps,
-                 overlap starts at the first pool where (E[-11] - E[-1]) /
-                 (E[-11] x steps between them) < TAU: the loss falls by less
+                 moving average over pools (alpha 2/11) and E0 its value at the
+                 10th pool. After at least 20 steps, overlap starts at the first
+                 pool where E <= E0 / 2 and (E[-11] - E[-1]) / (E[-11] x steps
+                 between them) < TAU: the loss has halved and now falls by less
                  than a share TAU of itself per step.
   rerank=M       the scorer proposes the M x budget best candidates by stale
                  score; the trainer computes their losses with the current
                  weights (a forward pass, no gradient) and trains the budget
                  with the highest fresh losses. Selective Backprop: candidates
-                 are kept with probability min(1, M p_stale) and accepted with
-                 probability p_fresh / min(1, M p_stale) (p from fresh losses).
+                 are kept with probability q = min(1, M p_stale) and accepted
+                 with probability p_fresh / q (p from fresh losses).
   mix=R          a share R of each stale batch is drawn uniformly from the rest
                  of the pool.
   anneal=K       the selected fraction rises linearly from 1 to --fraction over
                  the first K steps (Selective Backprop: beta from 0 to 3).
-  guard=SIG:THR  divergence detection: after every overlapped step the trainer
-                 compares the chosen batch's losses from its own forward pass
-                 (current weights) with the scorer's (stale) ones; SIG=ratio
-                 falls back to fresh scoring while the 5-step mean of
-                 fresh/stale mean loss is below THR, and for 20 steps after.
+  guard=SIG:THR  divergence detection with fallback to fresh scoring for 20
+                 steps, from what the trainer computes anyway. SIG=ratio: the
+                 5-step mean of (chosen batch's mean loss in the trainer's
+                 forward) / (its mean loss when the scorer chose it) is below
+                 THR; SIG=conc: the 5-step mean share of the batch predicted as
+                 one class is above THR. Every run records where both signals
+                 (at 0.9) would have fired, so fresh runs give false alarms.
+  replay=full    the scorer replays the trainer's coming optimiser steps on
+                 the batches it already chose (same loss, SGD with the pushed
+                 momentum buffers) and scores with the weights the pool will be
+                 trained from; replay=head replays only the final layer's part.
+  extrap=C       the scorer scores with w + C (w - w_previous_push).
+  half           (a modifier, e.g. fresh+half) weights and momentum buffers
+                 reach the scorer rounded to float16, as with
+                 --checkpoint-dtype float16: fresh+half is a null comparison
+                 that shows how far a run drifts from a tiny numerical change.
 
 Examples:
 
@@ -83,7 +95,6 @@ STRATEGIES = ("high_loss", "high_gradient", "high_influence", "selective_backpro
 SIGNAL = {"high_loss": "loss", "high_gradient": "grad_norm_last", "high_influence": "input_grad_norm",
           "selective_backprop": "loss"}
 VARIABLE_SIZE = {"selective_backprop"}
-MODEL_KWARGS = dict(num_classes=10, in_channels=1, image_size=28, mean=[0.1307], std=[0.3081])
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "overlap_study"
 #: Steps of the adaptive rule's look-back and its minimum fresh phase.
 AUTO_WINDOW = 10
@@ -94,6 +105,9 @@ SB_HISTORY = 1024
 #: Guard: steps averaged, and fresh steps after the signal recovers.
 GUARD_WINDOW = 5
 GUARD_HOLD = 20
+#: Thresholds at which the guard signals are recorded as alarms in every run (false-alarm counts on fresh runs).
+GUARD_RATIO = 0.9
+GUARD_CONC = 0.9
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -109,6 +123,9 @@ class Fix:
     mix: float = 0.0
     anneal: int = 0
     guard: tuple[str, float] | None = None
+    replay: str = ""
+    extrap: float = 0.0
+    half: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "Fix":
@@ -136,9 +153,17 @@ class Fix:
                     fix.anneal = int(value)
                 elif key == "guard":
                     sig, _, thr = value.partition(":")
-                    if sig not in ("ratio",):
-                        raise ValueError("guard signal must be 'ratio'")
+                    if sig not in ("ratio", "conc"):
+                        raise ValueError("guard signal must be 'ratio' or 'conc'")
                     fix.guard = (sig, float(thr))
+                elif key == "replay":
+                    if value not in ("full", "head"):
+                        raise ValueError("replay is 'full' or 'head'")
+                    fix.replay = value
+                elif key == "extrap":
+                    fix.extrap = float(value)
+                elif key == "half" and not value:
+                    fix.half = True
                 else:
                     raise ValueError(f"unknown part {part!r}")
             except ValueError as exc:
@@ -255,6 +280,79 @@ def score(model, x, y, strategy: str) -> dict:
     return compute_signals(model, x, y, wanted, device="cpu")
 
 
+class Scorer:
+    """The scorer's copy of the model: weights from the last push, optionally brought forward.
+
+    `replay`: after each push the scorer applies the trainer's coming optimiser steps itself, on the
+    batches it already chose (it knows them: it selected them, and the trainer fills batches in
+    selection order), so it scores with the weights the pool will actually be trained from.
+    "full" replays the whole step (same loss, same SGD with the pushed momentum buffers); "head" only
+    the final linear layer's part of it (body features computed once, no backward through the body).
+    `extrap`: scores with w + c (w - w_previous_push) instead (no data needed).
+    """
+
+    def __init__(self, model, opt, fix: "Fix", cfg: "RunConfig", xs, ys, model_kwargs: dict):
+        import copy
+
+        from dataselect.models import build_model
+
+        self.fix, self.cfg, self.xs, self.ys = fix, cfg, xs, ys
+        self.model = build_model("cnn-small", **model_kwargs)
+        self.trainer_model, self.trainer_opt = model, opt
+        self.copy = copy
+        self.step = 0  # trainer step whose weights were pushed last
+        self.at = 0  # step the scoring weights correspond to (after replay)
+        self.prev = None
+        self.rep_opt = None
+        self.seconds = 0.0
+        self.replayed_steps = 0
+        self.push(0)
+
+    def push(self, step: int, *, for_fresh: bool = False) -> None:
+        import torch
+
+        state = self.trainer_model.state_dict()
+        if self.fix.extrap:
+            new = {k: v.detach().clone() for k, v in state.items()}
+            if self.prev is not None and not for_fresh:
+                state = {k: v + self.fix.extrap * (v - self.prev[k]) for k, v in new.items()}
+            self.prev = new
+        if self.fix.half:  # pushed as float16 (--checkpoint-dtype float16): the scorer's numbers differ a little
+            state = {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
+        self.model.load_state_dict(state)
+        self.step = self.at = step
+        if self.fix.replay:
+            self.rep_opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
+            opt_state = self.copy.deepcopy(self.trainer_opt.state_dict())
+            if self.fix.half:
+                for entry in opt_state["state"].values():
+                    buf = entry.get("momentum_buffer")
+                    if buf is not None:
+                        entry["momentum_buffer"] = buf.half().float()
+            self.rep_opt.load_state_dict(opt_state)
+
+    def bring_to(self, target: int, batch_positions) -> None:
+        """Replay the trainer's steps self.at+1 .. target; batch_positions(j) gives step j's samples."""
+        import torch
+        import torch.nn.functional as F
+
+        while self.fix.replay and self.at < target:
+            t0 = time.perf_counter()
+            pos = batch_positions(self.at + 1)
+            x, y = self.xs[pos], self.ys[pos]
+            self.rep_opt.zero_grad(set_to_none=True)
+            if self.fix.replay == "full":
+                F.cross_entropy(self.model(x), y, reduction="none").mean().backward()
+            else:  # head: the final layer's gradient from the body's features; the body stays as pushed
+                with torch.no_grad():
+                    h = self.model.features(x)
+                F.cross_entropy(self.model.classifier(h), y, reduction="none").mean().backward()
+            self.rep_opt.step()
+            self.at += 1
+            self.replayed_steps += 1
+            self.seconds += time.perf_counter() - t0
+
+
 def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
     """One epoch of online selection under `cfg`; returns the summary (and the per-step trace when asked)."""
     import torch
@@ -266,110 +364,106 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
     strategy = cfg.strategy
     variable = strategy in VARIABLE_SIZE
     torch.manual_seed(cfg.seed)
-    model = build_model("cnn-small", **MODEL_KWARGS)
+    kwargs = data.info.model_kwargs()
+    model = build_model("cnn-small", **kwargs)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    scorer = build_model("cnn-small", **MODEL_KWARGS)
-    scorer.load_state_dict(model.state_dict())
-    scorer_step = 0  # the step whose weights the scorer holds
-    gen = torch.Generator().manual_seed(cfg.seed)  # Selective Backprop's draws, random mixing
-    sb = SelectiveBackprop(torch.Generator().manual_seed(cfg.seed + 7), cfg.sb_rule) if variable else None
     xs, ys = data.train.inputs, data.train.labels
+    scorer = Scorer(model, opt, fix, cfg, xs, ys, kwargs)
+    gen = torch.Generator().manual_seed(cfg.seed)  # random mixing
+    sb = SelectiveBackprop(torch.Generator().manual_seed(cfg.seed + 7), cfg.sb_rule) if variable else None
     n = len(ys)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     bs = cfg.batch_size
 
-    # Phase: "fresh" (score with the current weights when the pool is used) or "overlap".
-    overlap_phase = fix.overlap and fix.warm_steps == 0 and fix.auto_tau is None
-    initial_steps: int | None = 0 if overlap_phase else None  # steps of the initial fresh phase
-    guard_fresh_until = -1
-    guard_hist: deque[float] = deque(maxlen=GUARD_WINDOW)
-    guard_events: list[int] = []
-    ema: list[tuple[int, float]] = []
-    steps = 0
-    cursor = 0
+    st = {"steps": 0, "cursor": 0, "overlap": fix.overlap and not fix.warm_steps and fix.auto_tau is None,
+          "guard_until": -1}
+    initial_steps: list[int] = [0] if st["overlap"] else []
     pending: deque[dict] = deque()
-    buffer: list[tuple] = []  # (positions, weights or None, stale loss, fresh loss or None)
-    buffered = 0
+    buffer: list[tuple] = []  # (positions, scorer's losses, scored ahead?, agreement count)
+    trained_log: list = []  # positions of every step (the replaying scorer reads past batches from it)
     kept_total, pools_total = 0, 0
     counts = {"pools": 0, "pools_fresh": 0, "pools_hidden": 0, "pools_fresh_after_initial": 0,
               "pools_rescored": 0, "rerank_forward_samples": 0, "samples_trained": 0, "samples_scored": 0}
     secs = {"train": 0.0, "score": 0.0, "rerank": 0.0}
     steps_trace: list[dict] = []
-    digest = hashlib.sha256()
     loss_curve: list[tuple[int, float]] = []
+    ema: list[tuple[int, float]] = []
+    guard_ratio: deque[float] = deque(maxlen=GUARD_WINDOW)
+    guard_conc: deque[float] = deque(maxlen=GUARD_WINDOW)
+    alarms = {"ratio": [], "conc": []}  # steps where each guard signal crossed its threshold (acted on or not)
+    fallbacks: list[int] = []
+    digest = hashlib.sha256()
 
     def fraction_now() -> float:
         if fix.anneal and not variable:
-            return cfg.fraction + (1.0 - cfg.fraction) * max(0.0, 1.0 - steps / fix.anneal)
+            return cfg.fraction + (1.0 - cfg.fraction) * max(0.0, 1.0 - st["steps"] / fix.anneal)
         return cfg.fraction
 
     def beta_now() -> float:
-        if fix.anneal and variable:
-            return SB_BETA * min(1.0, steps / fix.anneal)
-        return SB_BETA
+        return SB_BETA * min(1.0, st["steps"] / fix.anneal) if fix.anneal and variable else SB_BETA
 
     def next_pool() -> dict | None:
-        nonlocal cursor
-        if cursor >= n:
+        if st["cursor"] >= n:
             return None
         f = fraction_now()
-        size = math.ceil(bs / f)
-        pos = order[cursor:cursor + size]
-        cursor += len(pos)
-        budget = len(pos) if variable else max(1, round(len(pos) * f))
-        return {"pos": pos, "budget": budget, "fraction": f}
+        pos = order[st["cursor"]:st["cursor"] + math.ceil(bs / f)]
+        st["cursor"] += len(pos)
+        return {"pos": pos, "budget": len(pos) if variable else max(1, round(len(pos) * f))}
 
-    def do_score(pool: dict, current: bool) -> None:
-        """Score `pool` with the scorer's weights, pushing the current ones first when `current`."""
-        nonlocal scorer_step
-        if current and scorer_step != steps:
-            scorer.load_state_dict(model.state_dict())
-            scorer_step = steps
+    def fresh_phase() -> bool:
+        return not st["overlap"] or st["steps"] < st["guard_until"]
+
+    def queued_positions():
+        """Samples chosen but not trained yet, in the order the trainer will train them."""
+        parts = [b[0] for b in buffer] + [p["rows_pos"] for p in pending if "rows_pos" in p]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    def serve(pool: dict, ahead: bool) -> None:
+        """The scorer's Select: score `pool` and choose (ahead: with the pushed/replayed weights, else fresh)."""
+        if not ahead:
+            if scorer.step != st["steps"] or scorer.at != st["steps"]:
+                scorer.push(st["steps"], for_fresh=True)
+            use = scorer.model
+        else:
+            queued = queued_positions()
+            target = st["steps"] + len(queued) // bs  # steps trained before this pool's first sample
+            done = st["steps"]
+
+            def batch_positions(j):
+                if j <= done:
+                    return trained_log[j - 1]
+                k = j - done - 1
+                return queued[k * bs:(k + 1) * bs]
+            scorer.bring_to(target, batch_positions)
+            use = scorer.model
         t0 = time.perf_counter()
-        sig = score(scorer, xs[pool["pos"]], ys[pool["pos"]], strategy)
+        sig = score(use, xs[pool["pos"]], ys[pool["pos"]], strategy)
         secs["score"] += time.perf_counter() - t0
-        pool.update(signals=sig, scored_at=scorer_step, scored_when=steps, overlapped=not current)
         counts["samples_scored"] += len(pool["pos"])
-
-    def choose(pool: dict) -> tuple:
-        """The rows of `pool` to train on, their weights, the scorer's losses and (re-rank) fresh losses."""
-        sig = pool["signals"]
-        s = sig[SIGNAL[strategy]]
-        stale_loss = sig["loss"]
-        budget = pool["budget"]
-        fresh = None
-        stale_now = pool["scored_at"] != steps
+        pool.update(signals=sig, ahead=ahead, scored_at=scorer.at)
+        s, budget = sig[SIGNAL[strategy]], pool["budget"]
         if variable:
-            if fix.rerank and stale_now:
-                p_stale, _ = sb.probabilities(stale_loss, beta_now())
+            if fix.rerank and ahead:
+                p_stale, _ = sb.probabilities(sig["loss"], beta_now())
                 q = (fix.rerank * p_stale).clamp(max=1.0)
-                cand = torch.nonzero(torch.rand(len(q), generator=sb.generator, dtype=torch.float64) < q,
-                                     as_tuple=True)[0]
-                fresh = fresh_losses(pool["pos"][cand])
-                p_fresh, _ = sb.probabilities(fresh, beta_now(), record=False)
-                accept = torch.rand(len(cand), generator=sb.generator, dtype=torch.float64) < (p_fresh / q[cand])
-                rows, fresh = cand[accept], fresh[accept]
+                draw = torch.rand(len(q), generator=sb.generator, dtype=torch.float64)
+                pool["cand"], pool["q"] = torch.nonzero(draw < q, as_tuple=True)[0], q
             else:
-                rows, _ = sb.select(s, budget, beta_now())
-            return rows, None, stale_loss[rows], fresh
-        if fix.rerank and stale_now:
-            m = min(len(s), max(budget, round(fix.rerank * budget)))
-            cand = topk(s, m)
-            fresh = fresh_losses(pool["pos"][cand])
-            pick = topk(fresh, budget)
-            return cand[pick], None, stale_loss[cand[pick]], fresh[pick]
-        if fix.mix and stale_now:
+                pool["rows"], _ = sb.select(s, budget, beta_now())
+        elif fix.rerank and ahead:
+            pool["cand"] = topk(s, min(len(s), max(budget, round(fix.rerank * budget))))
+        elif fix.mix and ahead:
             n_rand = round(fix.mix * budget)
             top = topk(s, budget - n_rand)
             rest = torch.ones(len(s), dtype=torch.bool)
             rest[top] = False
             others = torch.nonzero(rest, as_tuple=True)[0]
-            extra = others[torch.randperm(len(others), generator=gen)[:n_rand]]
-            rows = torch.cat([top, extra])
-            return rows, None, stale_loss[rows], None
-        rows = topk(s, budget)
-        return rows, None, stale_loss[rows], None
+            pool["rows"] = torch.cat([top, others[torch.randperm(len(others), generator=gen)[:n_rand]]])
+        else:
+            pool["rows"] = topk(s, budget)
+        if "rows" in pool:
+            pool["rows_pos"] = pool["pos"][pool["rows"]]
 
     def fresh_losses(pos):
         t0 = time.perf_counter()
@@ -379,93 +473,116 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         counts["rerank_forward_samples"] += len(pos)
         return out
 
-    def in_fresh_phase() -> bool:
-        return not overlap_phase or steps < guard_fresh_until
+    def trainer_rows(pool: dict):
+        """The trainer's part: re-rank proposed candidates with fresh losses (rerank), else take the Select's rows."""
+        if "cand" in pool:
+            cand = pool["cand"]
+            fresh = fresh_losses(pool["pos"][cand])
+            if variable:
+                p_fresh, _ = sb.probabilities(fresh, beta_now(), record=False)
+                draw = torch.rand(len(cand), generator=sb.generator, dtype=torch.float64)
+                return cand[draw < p_fresh / pool["q"][cand]]
+            return cand[topk(fresh, pool["budget"])]
+        return pool["rows"]
+
+    def agreement(pool: dict, rows) -> int:
+        """How many of `rows` fresh scoring would also choose (trace only, exact-budget strategies)."""
+        if trace is None or variable:
+            return len(rows)
+        if not pool["ahead"]:
+            return len(rows)
+        sig = score(model, xs[pool["pos"]], ys[pool["pos"]], strategy)
+        return int(torch.isin(rows, topk(sig[SIGNAL[strategy]], pool["budget"])).sum())
+
+    def auto_rule(pool: dict) -> None:
+        """Adaptive initial phase: overlap once the pool loss has halved and falls by less than tau per step."""
+        m = float(pool["signals"]["loss"].mean())
+        loss_curve.append((st["steps"], m))
+        if st["overlap"] or fix.auto_tau is None or not fix.overlap:
+            return
+        alpha = 2.0 / (AUTO_WINDOW + 1)
+        ema.append((st["steps"], m if not ema else alpha * m + (1 - alpha) * ema[-1][1]))
+        if st["steps"] >= AUTO_MIN_STEPS and len(ema) > AUTO_WINDOW:
+            (s_old, old), (s_new, new) = ema[-1 - AUTO_WINDOW], ema[-1]
+            start = ema[min(len(ema), AUTO_WINDOW) - 1][1]
+            if new <= 0.5 * start and s_new > s_old and (old - new) / ((s_new - s_old) * old) < fix.auto_tau:
+                st["overlap"] = True
+                initial_steps.append(st["steps"])
 
     def train_step(parts: list[tuple]) -> None:
-        nonlocal steps, scorer_step, overlap_phase, initial_steps, guard_fresh_until
         pos = torch.cat([p[0] for p in parts])
-        stale_l = torch.cat([p[2] for p in parts])
+        stale_l = torch.cat([p[1] for p in parts])
+        ahead = any(p[2] for p in parts)
         x, y = xs[pos], ys[pos]
         rec: dict = {}
         if trace is not None:
-            rec = trace_before(pos, parts)
+            with torch.no_grad():
+                cur = F.cross_entropy(model(x), y, reduction="none")
+            rec = {"class_counts": torch.bincount(y, minlength=10).tolist(),
+                   "agreement": sum(p[3] for p in parts) / max(1, len(pos)),
+                   "chosen_loss_current_mean": float(cur.mean())}
         t0 = time.perf_counter()
         logits = model(x)
         per = F.cross_entropy(logits, y, reduction="none")
-        loss = per.mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        per.mean().backward()
         if trace is not None:
             rec["grad_norm"] = float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())))
         opt.step()
         secs["train"] += time.perf_counter() - t0
-        steps += 1
+        st["steps"] += 1
+        steps = st["steps"]
+        trained_log.append(pos)
         counts["samples_trained"] += len(pos)
-        digest.update(pos.long().numpy().tobytes())  # ids = positions in the training set, as the trainer's digest
+        digest.update(pos.long().numpy().tobytes())  # ids = training-set positions, as the trainer's digest
+        # Guard signals, from what the trainer has anyway: its forward's losses and predictions.
         fresh_mean, stale_mean = float(per.detach().mean()), float(stale_l.mean())
-        was_overlapped = any(p[4] for p in parts)
-        if was_overlapped:  # guard: only overlapped batches carry information about staleness
-            guard_hist.append(fresh_mean / max(stale_mean, 1e-12))
-            if fix.guard is not None and len(guard_hist) == GUARD_WINDOW:
-                if sum(guard_hist) / GUARD_WINDOW < fix.guard[1]:
-                    if steps >= guard_fresh_until:
-                        guard_events.append(steps)
-                    guard_fresh_until = steps + GUARD_HOLD
-                    guard_hist.clear()
+        pred = logits.detach().argmax(1)
+        conc = float(torch.bincount(pred, minlength=10).max()) / len(pred)
+        guard_conc.append(conc)
+        if ahead:
+            guard_ratio.append(fresh_mean / max(stale_mean, 1e-12))
+        fired = {}
+        for name, hist, thr, below in (("ratio", guard_ratio, GUARD_RATIO, True),
+                                       ("conc", guard_conc, GUARD_CONC, False)):
+            if len(hist) == GUARD_WINDOW:
+                mean = sum(hist) / GUARD_WINDOW
+                fired[name] = mean < thr if below else mean > thr
+                if fired[name]:
+                    alarms[name].append(steps)
+        if fix.guard is not None and st["overlap"]:
+            sig, thr = fix.guard
+            hist = guard_ratio if sig == "ratio" else guard_conc
+            if len(hist) == GUARD_WINDOW:
+                mean = sum(hist) / GUARD_WINDOW
+                if (mean < thr) if sig == "ratio" else (mean > thr):
+                    if steps >= st["guard_until"]:
+                        fallbacks.append(steps)
+                    st["guard_until"] = steps + GUARD_HOLD
+                    hist.clear()
         if trace is not None:
             rec.update(step=steps, batch_loss=fresh_mean, chosen_loss_scorer_mean=stale_mean,
                        chosen_loss_scorer_max=float(stale_l.max()), chosen_loss_current_max=float(per.max()),
-                       overlapped=was_overlapped, staleness=max(steps - 1 - p[3] for p in parts))
+                       overlapped=ahead, pred_concentration=conc)
             rec.update(trace(model))
             steps_trace.append(rec)
         if steps % cfg.sync_every == 0:  # the trainer's push (fresh scoring pushes before it scores anyway)
-            scorer.load_state_dict(model.state_dict())
-            scorer_step = steps
-
-    def trace_before(pos, parts) -> dict:
-        """What fresh scoring would have chosen from the same pools, and the batch's class mix."""
-        with torch.no_grad():
-            cur = F.cross_entropy(model(xs[pos]), ys[pos], reduction="none")
-        return {"class_counts": torch.bincount(ys[pos], minlength=10).tolist(),
-                "chosen_loss_current_mean": float(cur.mean()),
-                "agreement": float(sum(p[5] for p in parts) / max(1, len(pos)))}
-
-    def agreement(pool: dict, rows) -> int:
-        """How many of `rows` fresh scoring would also have chosen (trace only; exact-budget strategies)."""
-        if trace is None or variable:
-            return 0
-        sig = score(model, xs[pool["pos"]], ys[pool["pos"]], strategy)
-        fresh_rows = topk(sig[SIGNAL[strategy]], pool["budget"])
-        return int(torch.isin(rows, fresh_rows).sum())
-
-    def after_pool_loss(pool: dict) -> None:
-        """The adaptive rule: switch to overlap once the pool loss falls by less than tau per step."""
-        nonlocal overlap_phase, initial_steps
-        m = float(pool["signals"]["loss"].mean())
-        loss_curve.append((steps, m))
-        if overlap_phase or fix.auto_tau is None or not fix.overlap:
-            return
-        alpha = 2.0 / (AUTO_WINDOW + 1)
-        ema.append((steps, m if not ema else alpha * m + (1 - alpha) * ema[-1][1]))
-        if steps >= AUTO_MIN_STEPS and len(ema) > AUTO_WINDOW:
-            (s_old, old), (s_new, new) = ema[-1 - AUTO_WINDOW], ema[-1]
-            if s_new > s_old and (old - new) / ((s_new - s_old) * old) < fix.auto_tau:
-                overlap_phase, initial_steps = True, steps
+            scorer.push(steps)
 
     t_run = time.perf_counter()
+    buffered = 0
     while True:
-        if not overlap_phase and fix.overlap and fix.warm_steps and steps >= fix.warm_steps:
-            overlap_phase, initial_steps = True, steps
-        fresh_now = in_fresh_phase()
+        if not st["overlap"] and fix.overlap and fix.warm_steps and st["steps"] >= fix.warm_steps:
+            st["overlap"] = True
+            initial_steps.append(st["steps"])
+        fresh_now = fresh_phase()
         if not fresh_now:
-            ahead = 1 if not variable or kept_total == 0 else min(8, math.ceil(bs / max(kept_total / pools_total,
-                                                                                         1e-9)))
-            while len(pending) < 1 + ahead:
+            ahead_n = 1 if not variable or kept_total == 0 else min(8, math.ceil(bs * pools_total / max(kept_total, 1)))
+            while len(pending) < 1 + ahead_n:
                 pool = next_pool()
                 if pool is None:
                     break
-                do_score(pool, current=False)
+                serve(pool, ahead=True)
                 pending.append(pool)
         if not pending:
             pool = next_pool()
@@ -474,24 +591,24 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
             pending.append(pool)
         pool = pending.popleft()
         if fresh_now or "signals" not in pool:
-            if "signals" in pool:
+            if "signals" in pool:  # asked for ahead before a fallback: scored again with the current weights
                 counts["pools_rescored"] += 1
-            do_score(pool, current=True)
-            pool["overlapped"] = False
+                for k in ("rows", "rows_pos", "cand", "q"):
+                    pool.pop(k, None)
+            serve(pool, ahead=False)
         counts["pools"] += 1
-        if pool["overlapped"]:
+        if pool["ahead"]:
             counts["pools_hidden"] += 1
         else:
             counts["pools_fresh"] += 1
-            if initial_steps is not None:
+            if initial_steps:
                 counts["pools_fresh_after_initial"] += 1
-        after_pool_loss(pool)
-        rows, w, stale_l, _ = choose(pool)
+        auto_rule(pool)
+        rows = trainer_rows(pool)
         kept_total += len(rows)
         pools_total += 1
         if len(rows):
-            buffer.append((pool["pos"][rows], w, stale_l, pool["scored_at"], pool["overlapped"],
-                           agreement(pool, rows)))
+            buffer.append((pool["pos"][rows], pool["signals"]["loss"][rows], pool["ahead"], agreement(pool, rows)))
             buffered += len(rows)
         while buffered >= bs:
             take, need = [], bs
@@ -501,28 +618,37 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
                     take.append(buffer.pop(0))
                     need -= len(p[0])
                 else:
-                    take.append((p[0][:need], None, p[2][:need], p[3], p[4], 0))
-                    buffer[0] = (p[0][need:], None, p[2][need:], p[3], p[4], p[5])
+                    take.append((p[0][:need], p[1][:need], p[2], 0))
+                    buffer[0] = (p[0][need:], p[1][need:], p[2], p[3])
                     need = 0
             buffered -= bs
             train_step(take)
     if buffered:
         train_step(buffer)
+        buffer.clear()
     wall = time.perf_counter() - t_run
     acc, test_loss = evaluate(model, data.test.inputs, data.test.labels)
+    steps = st["steps"]
     after = counts["pools_hidden"] + counts["pools_fresh_after_initial"]
     out = {"key": cfg.key(), **asdict(cfg), "test_accuracy": acc, "test_loss": test_loss, "steps": steps,
-           **counts, "initial_fresh_steps": initial_steps if initial_steps is not None else steps,
+           **counts, "initial_fresh_steps": initial_steps[0] if initial_steps else steps,
            "hidden_share_after_initial": counts["pools_hidden"] / after if after else 0.0,
-           "guard_events": guard_events, "mean_kept_per_pool": kept_total / max(1, pools_total),
+           "hidden_share": counts["pools_hidden"] / max(1, counts["pools"]),
+           "guard_fallbacks": fallbacks, "alarms_ratio": alarms["ratio"], "alarms_conc": alarms["conc"],
+           "mean_kept_per_pool": kept_total / max(1, pools_total),
            "train_seconds": secs["train"], "score_seconds": secs["score"], "rerank_seconds": secs["rerank"],
+           "replay_seconds": scorer.seconds, "replayed_steps": scorer.replayed_steps,
            "rerank_cost_per_step": secs["rerank"] / secs["train"] if secs["train"] else 0.0,
-           "wall_seconds": wall, "selection_sha256": digest.hexdigest(), "pool_loss_curve": loss_curve[::5], "torch_threads": torch.get_num_threads()}
+           "replay_cost_per_step": scorer.seconds / secs["train"] if secs["train"] else 0.0,
+           "score_cost_per_step": secs["score"] / secs["train"] if secs["train"] else 0.0,
+           "wall_seconds": wall, "selection_sha256": digest.hexdigest(),
+           "pool_loss_curve": loss_curve[::5], "torch_threads": torch.get_num_threads()}
     if trace is not None:
         out["trace"] = steps_trace
     if log:
         log(f"{cfg.key()}: accuracy {acc:.4f}, loss {test_loss:.3f}, {steps} steps, initial fresh "
-            f"{out['initial_fresh_steps']}, hidden {out['hidden_share_after_initial']:.2f}, {wall:.0f}s")
+            f"{out['initial_fresh_steps']}, hidden after it {out['hidden_share_after_initial']:.2f}, "
+            f"fallbacks {len(fallbacks)}, {wall:.0f}s")
     return out
 
 
@@ -655,20 +781,27 @@ def cmd_check(args) -> None:
 
 
 def cmd_ci(args) -> None:
-    """The proposed CI test as a probe: few MNIST images, stale high_loss against the fix."""
-    data = load(args.train_subset, args.data_dir)
+    """The proposed CI test as a probe: few MNIST (or synthetic) images, stale high_loss against the fix."""
+    if args.dataset == "synthetic":
+        from dataselect.client.data import load_dataset
+
+        data = load_dataset("synthetic", train_subset=args.train_subset)
+    else:
+        data = load(args.train_subset, args.data_dir)
     rows = []
     for fx in args.fixes:
         for seed in args.seeds:
             cfg = RunConfig("high_loss", args.fraction, seed, fx, train_subset=args.train_subset)
             t0 = time.perf_counter()
             res = run(cfg, data)
-            rows.append({"fix": fx, "seed": seed, "accuracy": res["test_accuracy"], "test_loss": res["test_loss"],
+            rows.append({"dataset": args.dataset, "train_subset": args.train_subset, "fix": fx, "seed": seed,
+                         "accuracy": res["test_accuracy"], "test_loss": res["test_loss"],
+                         "selection_sha256": res["selection_sha256"],
                          "steps": res["steps"], "seconds": time.perf_counter() - t0})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"ci_probe_n{args.train_subset}_f{args.fraction:g}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"ci_probe_{args.dataset}_n{args.train_subset}_f{args.fraction:g}.json").write_text(json.dumps(rows, indent=1))
 
 
 def cmd_report(args) -> None:
@@ -677,39 +810,64 @@ def cmd_report(args) -> None:
     print(report(runs, args))
 
 
-def report(runs: list[dict], args) -> str:
-    """Markdown: per fix, each strategy x fraction: mean accuracy, worst per-seed gap to fresh, hidden share."""
-    by = {}
+def pairs_for(runs: list[dict], fx: str, sync: int | None = None) -> dict:
+    """{(strategy, fraction): [(fresh run, fix run) per seed]} for fix `fx` (and sync_every, if given)."""
+    fresh = {(r["strategy"], r["fraction"], r["seed"], r["train_subset"], r["sb_rule"]): r
+             for r in runs if r["fix"] == "fresh"}
+    out: dict = {}
     for r in runs:
-        by[(r["fix"], r["strategy"], r["fraction"], r["seed"], r["sync_every"])] = r
-    fixes = list(dict.fromkeys(r["fix"] for r in runs))
-    lines = []
-    for fx in fixes:
-        if fx == "fresh":
+        if r["fix"] != fx or (sync is not None and r["sync_every"] != sync):
             continue
-        cells = sorted({(r["strategy"], r["fraction"], r["sync_every"]) for r in runs if r["fix"] == fx})
-        lines.append(f"\n#### `{fx}`\n")
-        lines.append("| strategy | fraction | sync | fresh acc (mean) | fix acc (mean) | worst seed gap (pts) | "
-                     "seeds | hidden after initial | initial fresh steps | rerank fwd / step |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
-        for s, f, sync in cells:
-            pairs = []
-            for seed in sorted({r["seed"] for r in runs}):
-                a, b = by.get(("fresh", s, f, seed, 1)), by.get((fx, s, f, seed, sync))
-                if a and b:
-                    pairs.append((a, b))
-            if not pairs:
+        a = fresh.get((r["strategy"], r["fraction"], r["seed"], r["train_subset"], r["sb_rule"]))
+        if a is not None:
+            out.setdefault((r["strategy"], r["fraction"], r["sync_every"]), []).append((a, r))
+    for v in out.values():
+        v.sort(key=lambda p: p[1]["seed"])
+    return out
+
+
+def gap_points(a: dict, b: dict) -> float:
+    """How many accuracy points the fix run `b` is below the fresh run `a` of the same seed (negative: above)."""
+    return 100.0 * (a["test_accuracy"] - b["test_accuracy"])
+
+
+def report(runs: list[dict], args) -> str:
+    """Markdown: a summary row per fix, then per fix each strategy x fraction with the per-seed accuracies."""
+    fixes = [f for f in dict.fromkeys(r["fix"] for r in runs) if f != "fresh"]
+    lines = ["| fix | sync | cells x seeds | within 0.5 pts | worst gap (pts) | mean gap (pts) | same selections "
+             "as fresh | hidden after initial (min) | hidden overall (mean) | initial fresh steps (mean) | "
+             "trainer fwd / step | scorer replay / step | fallbacks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    detail = []
+    syncs = sorted({r["sync_every"] for r in runs})
+    for fx in fixes:
+        for sync in syncs:
+            cells = pairs_for(runs, fx, sync)
+            if not cells:
                 continue
-            fa = sum(a["test_accuracy"] for a, _ in pairs) / len(pairs)
-            fb = sum(b["test_accuracy"] for _, b in pairs) / len(pairs)
-            gap = max(100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs)
-            hid = min(b["hidden_share_after_initial"] for _, b in pairs)
-            init = "/".join(str(b["initial_fresh_steps"]) for _, b in pairs)
-            rr = sum(b["rerank_cost_per_step"] for _, b in pairs) / len(pairs)
-            ok = "" if gap <= 0.5 else " ✗"
-            lines.append(f"| {s} | {f:g} | {sync} | {fa:.4f} | {fb:.4f} | {gap:+.2f}{ok} | {len(pairs)} | "
-                         f"{hid:.2f} | {init} | {rr:.2f} |")
-    return "\n".join(lines)
+            flat = [p for v in cells.values() for p in v]
+            gaps = [gap_points(a, b) for a, b in flat]
+            ok = sum(g <= 0.5 for g in gaps)
+            same = sum(a["selection_sha256"] == b["selection_sha256"] for a, b in flat)
+            mean = lambda k: sum(b[k] for _, b in flat) / len(flat)  # noqa: E731
+            lines.append(
+                f"| `{fx}` | {sync} | {len(flat)} | {ok}/{len(flat)} | {max(gaps):+.2f} | {sum(gaps) / len(gaps):+.2f} | "
+                f"{same}/{len(flat)} | {min(b['hidden_share_after_initial'] for _, b in flat):.2f} | "
+                f"{mean('hidden_share'):.2f} | {mean('initial_fresh_steps'):.0f} | {mean('rerank_cost_per_step'):.2f} | "
+                f"{mean('replay_cost_per_step'):.2f} | {sum(len(b['guard_fallbacks']) for _, b in flat)} |")
+            detail.append(f"\n#### `{fx}`, sync every {sync}\n")
+            detail.append("| strategy | fraction | fresh accuracy per seed | fix accuracy per seed | worst gap (pts) | "
+                          "hidden after initial | initial fresh steps |")
+            detail.append("|---|---|---|---|---|---|---|")
+            for (strat, frac, _), pairs in sorted(cells.items()):
+                g = max(gap_points(a, b) for a, b in pairs)
+                fresh_accs = " / ".join(f"{a['test_accuracy']:.4f}" for a, _ in pairs)
+                fix_accs = " / ".join(f"{b['test_accuracy']:.4f}" for _, b in pairs)
+                detail.append(
+                    f"| {strat} | {frac:g} | {fresh_accs} | {fix_accs} | {g:+.2f}{'' if g <= 0.5 else ' ✗'} | "
+                    f"{min(b['hidden_share_after_initial'] for _, b in pairs):.2f} | "
+                    f"{'/'.join(str(b['initial_fresh_steps']) for _, b in pairs)} |")
+    return "\n".join(lines + detail)
 
 
 def main(argv=None) -> None:
@@ -757,6 +915,7 @@ def main(argv=None) -> None:
     common(ci)
     ci.set_defaults(train_subset=4000)
     ci.add_argument("--fraction", type=float, default=0.25)
+    ci.add_argument("--dataset", choices=("mnist", "synthetic"), default="mnist")
     ci.add_argument("--seeds", type=ints, default=[0, 1, 2])
     ci.add_argument("--fixes", type=names, default=["fresh", "stale"])
     r = sub.add_parser("report", help="Markdown tables from runs.jsonl")
