@@ -343,3 +343,15 @@ def test_threshold_policy_with_high_loss_through_a_scoring_session():
     # Above the budget, the highest scores fill it.
     capped = session.select([PoolChunk(ids=torch.arange(120) + 500, labels=y, inputs=x)], 5)
     assert set(capped.selected_ids.tolist()) == set((torch.topk(losses, 5).indices + 500).tolist())
+
+
+@pytest.mark.parametrize("epochs,anneal,warns", [(1, 0.875, True), (2, 0.875, True), (3, 0.875, False),
+                                                 (2, 1.0, False), (10, 0.875, False)])
+def test_infobatch_warns_when_no_epoch_would_prune(epochs, anneal, warns):
+    # Epoch 0 has no losses yet and epoch e prunes while e + 1 <= anneal·E: E = 2 at 0.875 (1.75) prunes nothing.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert plan("infobatch", epochs, anneal=anneal)["anneal"] == anneal
+    assert bool(caught) == warns
+    if warns:
+        assert "--epochs 3" in str(caught[0].message) and "prunes nothing" in str(caught[0].message)

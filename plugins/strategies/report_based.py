@@ -11,6 +11,7 @@ their rule keeps (0..pool), as their authors' code does.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 
 import torch
@@ -224,6 +225,19 @@ class InfoBatchSelector(Selector):
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
         self.table = IdTable({"loss": ((), math.inf)})
+
+    @classmethod
+    def plan(cls, options, run: RunPlan):
+        """Warn when no epoch can prune: the first has no losses yet, and epoch e prunes only while e + 1 <= anneal·E."""
+        pruned = math.floor(options["anneal"] * run.epochs + 1e-9) - 1  # epochs 1 .. floor(anneal·E) - 1
+        if run.epochs >= 1 and options["prune_ratio"] > 0 and pruned < 1:
+            least = math.ceil(2 / options["anneal"] - 1e-9) if options["anneal"] > 0 else None
+            advice = f"use --epochs {least} or more" if least else "raise anneal above 0"
+            warnings.warn(
+                f"strategy 'infobatch' prunes from the second epoch on, while epoch + 1 <= anneal·epochs "
+                f"(anneal={options['anneal']:g}); a {run.epochs}-epoch run prunes nothing and trains on all the data: "
+                f"{advice} (or raise -o anneal).", stacklevel=2)
+        return options
 
     def on_report(self, ids, losses, true_class_probs, correct, progress) -> None:
         rows = self.table.rows(ids)  # first: it may grow (replace) the tensors
