@@ -158,7 +158,8 @@ def test_importance_sampling_ema_and_reweight():
     ("infobatch", {"prune_ratio": 1.0}),
     ("infobatch", {"prune_ratio": 0.95}),
     ("mrmc", {"warmup_epochs": 10 ** 12}),
-    ("mrmc", {"scoring_point": False, "warmup_epochs": 1}),
+    ("mrmc", {"scoring_point": "off", "warmup_epochs": 1}),
+    ("mrmc", {"scoring_point": True}),
     ("importance_sampling", {"estimate": "sometimes"}),
     ("selective_backprop", {"history": 10 ** 12}),
     ("dynams", {"warmup_epochs": -1}),
@@ -228,7 +229,7 @@ def test_every_numeric_option_is_bounded_and_its_bounds_are_usable(name, key, op
         make(name, **{key: opt.max * 10 + 1})
     extra = {"proxy": "psp"} if name == "dynams" and key in ("width_ratio", "proxy_weight", "agreement_sample") else {}
     if name == "mrmc" and key == "warmup_epochs":
-        extra = {"scoring_point": True}
+        extra = {"scoring_point": "on"}
     for end in (opt.min, opt.max):
         if name == "dynams" and key == "width_ratio" and end == 0:
             continue  # (0, 1]: refused by the strategy itself, tested in test_dynams_psp_options
@@ -281,9 +282,9 @@ def test_a_one_epoch_run_that_cannot_select_after_warmup_is_refused_naming_the_f
 def test_mrmc_without_the_scoring_point_needs_two_warmup_epochs_in_the_plan_too():
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        assert plan("mrmc", 4, scoring_point=False)["warmup_epochs"] == 2
+        assert plan("mrmc", 4, scoring_point="off")["warmup_epochs"] == 2
     with pytest.raises(InvalidArgument, match="--epochs 4"):
-        plan("mrmc", 3, scoring_point=False)
+        plan("mrmc", 3, scoring_point="off")
 
 
 def test_an_explicit_warmup_below_the_run_is_left_alone():
@@ -296,11 +297,11 @@ def test_an_explicit_warmup_below_the_run_is_left_alone():
 
 # -- MRMC's training-mode-only curves ------------------------------------------------------------
 
-def test_mrmc_scoring_point_false_fits_the_reported_losses_alone():
+def test_mrmc_fits_training_mode_losses_alone_unless_the_warmup_has_one_epoch():
     # Reported (training-mode) losses 1.0, 0.5 at r = 1, 2 -> q = 2, w = 2, H = 2: φ = 2 (1 - 1/4) = 1.5,
-    # whatever the scoring pass says; with the scoring point (0.25 at r = 3) φ = 2 (1 - 1/8) = 1.75.
+    # whatever the (eval-mode) scoring pass says; with the scoring point (0.25 at r = 3) φ = 2 (1 - 1/8) = 1.75.
     ids = torch.tensor([7])
-    for scoring_point, expect in ((False, 1.5), (True, 1.75)):
+    for scoring_point, expect in (("auto", 1.5), ("off", 1.5), ("on", 1.75)):
         sel = make("mrmc", warmup_epochs=2, rho=1.0, scoring_point=scoring_point)
         for e, loss in enumerate((1.0, 0.5)):
             sel.on_report(ids, torch.tensor([loss]), None, None, Progress(epoch=e))

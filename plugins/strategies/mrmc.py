@@ -48,14 +48,15 @@ class MRMCSelector(Selector):
     `Progress.epoch` < warmup_epochs, full-data training) record each sample's
     loss once per epoch (a later report in the same epoch overwrites): points
     r = 1..R. These are training-mode losses (batch norm with batch statistics,
-    dropout on). With `scoring_point` (default) the selection's own scoring
-    pass, made with the model as it is after warm-up, adds the end-of-warm-up
-    loss as point r = R + 1, so one warm-up epoch already gives two points; that
-    point is an eval-mode loss, which for batch-norm or dropout models is
-    measured differently from the others: `scoring_point=false` fits the
-    training-mode losses alone (and needs warmup_epochs >= 2). Each sample's
-    curve is fitted as ℓ^(r) ≈ q·w^−r and scored φ = q(1 − w^−H), H = the number
-    of points. Samples with fewer than two points get φ = 0.
+    dropout on). The selection's own scoring pass, made with the model as it is
+    after warm-up, can add the end-of-warm-up loss as point r = R + 1, so that
+    one warm-up epoch gives two points; but that point is an eval-mode loss,
+    which for batch-norm or dropout models is measured differently from the
+    others. `scoring_point=auto` (default) adds it only when the warm-up has a
+    single epoch (it is then the only second point); `on` always adds it; `off`
+    never does (and needs warmup_epochs >= 2). Each sample's curve is fitted as
+    ℓ^(r) ≈ q·w^−r and scored φ = q(1 − w^−H), H = the number of points.
+    Samples with fewer than two points get φ = 0.
 
     Balance (MRMC-R, `rho` < 1): the top ⌈rho·k⌉ by φ are taken; a softmax
     linear proxy is fitted on their penultimate features (standardised,
@@ -79,23 +80,24 @@ class MRMCSelector(Selector):
     options = {
         "warmup_epochs": Option(int, 10, "full-data epochs whose training losses are fitted (R)", min=1,
                                 max=MAX_MRMC_WARMUP),
-        "scoring_point": Option(bool, True, "add the selection's scoring-pass loss (eval mode) as the last point of "
-                                "each curve; false: training-mode losses only (needs warmup_epochs >= 2)"),
+        "scoring_point": Option(str, "auto", "add the selection's scoring-pass loss (eval mode) as the last point of "
+                                "each curve: on, off (training-mode losses only; needs warmup_epochs >= 2), or auto "
+                                "(only with a 1-epoch warm-up)", choices=("auto", "on", "off")),
         "rho": Option(float, 0.3, "fraction of the budget taken by φ alone (1 = plain MRMC)", min=0.0, max=1.0),
         "gamma": Option(float, 2.0, "penalty on the proxy's true-class probability", min=0.0, max=1000.0),
     }
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
-        if not self.opts["scoring_point"] and self.opts["warmup_epochs"] < 2:
-            raise InvalidArgument("strategy 'mrmc': scoring_point=false fits the warm-up's training losses alone, "
+        if self.opts["scoring_point"] == "off" and self.opts["warmup_epochs"] < 2:
+            raise InvalidArgument("strategy 'mrmc': scoring_point=off fits the warm-up's training losses alone, "
                                   f"which needs warmup_epochs >= 2 (got {self.opts['warmup_epochs']})")
         self.table = IdTable({"loss": ((self.opts["warmup_epochs"],), math.nan)})
         self.first_epoch: int | None = None
 
     @classmethod
     def plan(cls, options, run: RunPlan):
-        points = 1 if options.get("scoring_point", True) else 2
+        points = 2 if options.get("scoring_point") == "off" else 1
         return fit_warmup(cls.name, options, run, minimum=points, integer=True,
                           needs=f"it fits loss curves to at least {points} full-data epoch(s)")
 
@@ -108,6 +110,12 @@ class MRMCSelector(Selector):
         rows = self.table.rows(ids)
         self.table.data["loss"][rows, col] = losses.double()
 
+    @property
+    def uses_scoring_point(self) -> bool:
+        """True when the scoring pass's loss is the curves' last point (see `scoring_point`)."""
+        mode = self.opts["scoring_point"]
+        return mode == "on" or (mode == "auto" and self.opts["warmup_epochs"] == 1)
+
     def reduction(self, ids: torch.Tensor, current_loss: torch.Tensor | None = None) -> torch.Tensor:
         """φ for `ids`; `current_loss` (the scoring pass after warm-up) is the last point when given."""
         curves, _ = self.table.gather("loss", ids)
@@ -116,7 +124,7 @@ class MRMCSelector(Selector):
         return fit_reduction(curves, curves.shape[1])
 
     def select(self, pool: Pool, budget: int, policy: str) -> Selection:
-        phi = self.reduction(pool.ids, pool.signals.get("loss") if self.opts["scoring_point"] else None).float()
+        phi = self.reduction(pool.ids, pool.signals.get("loss") if self.uses_scoring_point else None).float()
         if policy != "topk":
             return apply_policy(policy, phi, pool.labels, budget, self.context.generator)
         first = min(budget, math.ceil(self.opts["rho"] * budget))
