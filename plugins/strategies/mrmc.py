@@ -99,7 +99,8 @@ class MRMCSelector(Selector):
     def plan(cls, options, run: RunPlan):
         points = 2 if options.get("scoring_point") == "off" else 1
         return fit_warmup(cls.name, options, run, minimum=points, integer=True,
-                          needs=f"it fits loss curves to at least {points} full-data epoch(s)")
+                          needs="it fits each sample's loss curve to its full-data warm-up epochs"
+                                + (", at least 2 with scoring_point=off" if points == 2 else ""))
 
     def on_report(self, ids, losses, true_class_probs, correct, progress: Progress) -> None:
         if self.first_epoch is None:
