@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from dataselect.errors import InvalidArgument
+# The names live in dataselect.names (one spelling for the command lines, the engine and the plugins);
+# VARIABLE_SIZE_POLICIES keep 0..budget samples whatever the strategy declares.
+from dataselect.names import POLICIES, VARIABLE_SIZE_POLICIES
 from dataselect.plugins.base import Selection
 
-POLICIES = ("topk", "class_balanced", "sample", "threshold")
-#: Policies that keep a variable number of samples (at most the budget) whatever the strategy declares.
-VARIABLE_SIZE_POLICIES = frozenset({"threshold"})
+__all__ = ["POLICIES", "VARIABLE_SIZE_POLICIES", "apply_policy", "class_balanced", "sample", "threshold", "topk"]
 
 
 def topk(scores: torch.Tensor, budget: int) -> Selection:
@@ -58,7 +59,9 @@ def sample(scores: torch.Tensor, budget: int, generator: torch.Generator) -> Sel
 
 
 def threshold(scores: torch.Tensor, budget: int, value: float | None = None) -> Selection:
-    """Samples whose score is at least `value` (default: the pool mean), at most `budget`, best first."""
+    """Samples whose score is at least `value` (default: the pool mean), at most `budget`, best first.
+
+    Variable-size (0..budget): the session accepts fewer than `budget` for this policy with any strategy."""
     cut = float(scores.float().mean()) if value is None else value
     above = torch.nonzero(scores >= cut, as_tuple=True)[0]
     order = torch.argsort(scores[above], descending=True, stable=True)
