@@ -70,7 +70,7 @@ def test_variable_budget_bounds(p, strategy):
     ids, res, sel = run(name, opts, n, budget, labels, seed, epoch)
     got = res.selected_ids
     assert not sel.exact_budget
-    assert 1 <= got.numel() <= budget
+    assert 0 <= got.numel() <= budget  # variable-size selections may be empty (nothing worth training on)
     assert got.unique().numel() == got.numel()
     assert set(got.tolist()) <= set(ids.tolist())
     if res.weights is not None:
