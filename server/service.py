@@ -364,8 +364,9 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         state = ckpt["state_dict"]
         if delta_of is not None:
             state = {**model.state_dict(), **state}
-        check_state(model, state, model_name=session.model_name)
         own = model.state_dict()
+        if set(state) != set(own) or any(tuple(v.shape) != tuple(own[k].shape) for k, v in state.items()):
+            return  # refused by load_checkpoint, naming the keys and shapes
         trial = {k: v.to(device=own[k].device, dtype=own[k].dtype) if v.is_floating_point() else v.to(own[k].device)
                  for k, v in state.items()}
         takes_images = session.scoring_model.takes_images
@@ -388,6 +389,7 @@ class SelectionServicer(pb_grpc.SelectionServicer):
         finally:
             session.lock.release()
         if isinstance(logits, torch.Tensor) and not bool(torch.isfinite(logits.float()).all()):
+            check_state(model, state, model_name=session.model_name)  # NaN or Inf weights: its own message
             name, top = max(((k, float(v.abs().max())) for k, v in state.items() if v.is_floating_point() and v.numel()),
                             key=lambda kv: kv[1], default=("?", float("nan")))
             raise InvalidArgument(f"checkpoint: these weights give non-finite logits on a blank input (the largest "
