@@ -133,18 +133,20 @@ def test_a_silent_checkpoint_upload_is_ended():
                 stall.release()
 
 
-def test_a_stalled_session_never_stops_the_cleanup_of_idle_ones():
+def test_stalled_sessions_never_stop_the_cleanup_of_idle_ones():
     with serve(port=0, session_ttl=0.5, stream_idle_seconds=30) as running, \
             grpc.insecure_channel(running.address) as ch:
         stub = pb_grpc.SelectionStub(ch)
-        busy = ready_session(stub)
+        stalled = [ready_session(stub) for _ in range(16)]
+        busy = stalled[0]
         busy_session = running.store.get(busy)
-        stall = Stall(stub.SelectStream, [pb.SelectRequest(session_id=busy, budget=4)])
+        stalls = [Stall(stub.SelectStream, [pb.SelectRequest(session_id=s, budget=4)]) for s in stalled]
         try:
+            wait_for(lambda: running.limit.in_flight == 16, what="16 stalled streams")
             wait_for(busy_session.lock.locked, what="the stalled stream to hold its session")
             idle = [stub.OpenSession(open_req("random"), timeout=TIMEOUT).session_id for _ in range(3)]
             t0 = time.monotonic()
-            wait_for(lambda: len(running.store) == 1, timeout=5, what="the idle sessions to be closed")
+            wait_for(lambda: len(running.store) == 16, timeout=5, what="the idle sessions to be closed")
             assert time.monotonic() - t0 < 0.5 + 1.5  # the TTL, plus a reaper interval or two
             with pytest.raises(grpc.RpcError) as err:
                 stub.Select(pb.SelectRequest(session_id=idle[0], budget=1), timeout=TIMEOUT)
@@ -154,12 +156,15 @@ def test_a_stalled_session_never_stops_the_cleanup_of_idle_ones():
             t0 = time.monotonic()
             stub.CloseSession(pb.CloseSessionRequest(session_id=busy), timeout=TIMEOUT)
             assert time.monotonic() - t0 < 2.0 and not busy_session.closed
-            assert len(running.store) == 0
+            assert len(running.store) == 15
         finally:
-            stall.release()
+            for stall in stalls:
+                stall.release()
         with pytest.raises(grpc.RpcError):
-            stall.future.result(timeout=TIMEOUT)
+            stalls[0].future.result(timeout=TIMEOUT)
         wait_for(lambda: busy_session.closed, what="the busy session to close after its call")
+        # The other stalled sessions finish their calls and, idle now, are closed by the TTL.
+        wait_for(lambda: len(running.store) == 0, timeout=10, what="the formerly stalled sessions to expire")
 
 
 # -- expired calls stop computing ------------------------------------------------------------------
