@@ -394,6 +394,7 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
     alarms = {"ratio": [], "conc": []}  # steps where each guard signal crossed its threshold (acted on or not)
     fallbacks: list[int] = []
     digest = hashlib.sha256()
+    stale_stats = {"sum": 0, "n": 0, "max": 0}
 
     def fraction_now() -> float:
         if fix.anneal and not variable:
@@ -514,6 +515,11 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         stale_l = torch.cat([p[1] for p in parts])
         ahead = any(p[2] for p in parts)
         x, y = xs[pos], ys[pos]
+        # Staleness: steps between the weights that scored each sample and the ones this step starts from.
+        lag = [st["steps"] - p[4] for p in parts]
+        stale_stats["sum"] += sum(g * len(p[0]) for g, p in zip(lag, parts))
+        stale_stats["n"] += len(pos)
+        stale_stats["max"] = max(stale_stats["max"], max(lag))
         rec: dict = {}
         if trace is not None:
             with torch.no_grad():
@@ -563,7 +569,7 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         if trace is not None:
             rec.update(step=steps, batch_loss=fresh_mean, chosen_loss_scorer_mean=stale_mean,
                        chosen_loss_scorer_max=float(stale_l.max()), chosen_loss_current_max=float(per.max()),
-                       overlapped=ahead, pred_concentration=conc)
+                       overlapped=ahead, pred_concentration=conc, staleness=max(lag))
             rec.update(trace(model))
             steps_trace.append(rec)
         if steps % cfg.sync_every == 0:  # the trainer's push (fresh scoring pushes before it scores anyway)
@@ -608,7 +614,8 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         kept_total += len(rows)
         pools_total += 1
         if len(rows):
-            buffer.append((pool["pos"][rows], pool["signals"]["loss"][rows], pool["ahead"], agreement(pool, rows)))
+            buffer.append((pool["pos"][rows], pool["signals"]["loss"][rows], pool["ahead"], agreement(pool, rows),
+                           pool["scored_at"]))
             buffered += len(rows)
         while buffered >= bs:
             take, need = [], bs
@@ -618,8 +625,8 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
                     take.append(buffer.pop(0))
                     need -= len(p[0])
                 else:
-                    take.append((p[0][:need], p[1][:need], p[2], 0))
-                    buffer[0] = (p[0][need:], p[1][need:], p[2], p[3])
+                    take.append((p[0][:need], p[1][:need], p[2], 0, p[4]))
+                    buffer[0] = (p[0][need:], p[1][need:], p[2], p[3], p[4])
                     need = 0
             buffered -= bs
             train_step(take)
@@ -634,6 +641,7 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
            **counts, "initial_fresh_steps": initial_steps[0] if initial_steps else steps,
            "hidden_share_after_initial": counts["pools_hidden"] / after if after else 0.0,
            "hidden_share": counts["pools_hidden"] / max(1, counts["pools"]),
+           "staleness_mean_steps": stale_stats["sum"] / max(1, stale_stats["n"]), "staleness_max_steps": stale_stats["max"],
            "guard_fallbacks": fallbacks, "alarms_ratio": alarms["ratio"], "alarms_conc": alarms["conc"],
            "mean_kept_per_pool": kept_total / max(1, pools_total),
            "train_seconds": secs["train"], "score_seconds": secs["score"], "rerank_seconds": secs["rerank"],
