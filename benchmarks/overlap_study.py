@@ -57,13 +57,18 @@ Fixes (`--fixes`, comma-separated; parts of one fix joined by '+'):
                  5-step mean of (chosen batch's mean loss in the trainer's
                  forward) / (its mean loss when the scorer chose it) is below
                  THR; SIG=conc: the 5-step mean share of the batch predicted as
-                 one class is above THR. Every run records where both signals
-                 (at 0.9) would have fired, so fresh runs give false alarms.
+                 one class is above THR; SIG=mis: the 5-step mean of
+                 mean |trainer's loss - scorer's loss| / mean trainer's loss
+                 over the chosen samples is above THR (with exact replay it is
+                 zero). Every run records where each signal (ratio < 0.9,
+                 conc > 0.9, mis > 0.05) would have fired: false alarms.
   replay=full    the scorer replays the trainer's coming optimiser steps on
                  the batches it already chose (same loss, SGD with the pushed
                  momentum buffers) and scores with the weights the pool will be
                  trained from; replay=head replays only the final layer's part.
   extrap=C       the scorer scores with w + C (w - w_previous_push).
+  staleuntil=K   overlap for the first K steps, then fresh scoring: how early
+                 must a detector switch to fresh scoring to save the run?
   half           (a modifier, e.g. fresh+half) weights and momentum buffers
                  reach the scorer rounded to float16, as with
                  --checkpoint-dtype float16: fresh+half is a null comparison
@@ -108,6 +113,7 @@ GUARD_HOLD = 20
 #: Thresholds at which the guard signals are recorded as alarms in every run (false-alarm counts on fresh runs).
 GUARD_RATIO = 0.9
 GUARD_CONC = 0.9
+GUARD_MIS = 0.05
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -126,6 +132,7 @@ class Fix:
     replay: str = ""
     extrap: float = 0.0
     half: bool = False
+    stale_until: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> "Fix":
@@ -153,8 +160,8 @@ class Fix:
                     fix.anneal = int(value)
                 elif key == "guard":
                     sig, _, thr = value.partition(":")
-                    if sig not in ("ratio", "conc"):
-                        raise ValueError("guard signal must be 'ratio' or 'conc'")
+                    if sig not in ("ratio", "conc", "mis"):
+                        raise ValueError("guard signal must be 'ratio', 'conc' or 'mis'")
                     fix.guard = (sig, float(thr))
                 elif key == "replay":
                     if value not in ("full", "head"):
@@ -164,6 +171,8 @@ class Fix:
                     fix.extrap = float(value)
                 elif key == "half" and not value:
                     fix.half = True
+                elif key == "staleuntil":
+                    fix.stale_until = int(value)
                 else:
                     raise ValueError(f"unknown part {part!r}")
             except ValueError as exc:
@@ -391,7 +400,9 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
     ema: list[tuple[int, float]] = []
     guard_ratio: deque[float] = deque(maxlen=GUARD_WINDOW)
     guard_conc: deque[float] = deque(maxlen=GUARD_WINDOW)
-    alarms = {"ratio": [], "conc": []}  # steps where each guard signal crossed its threshold (acted on or not)
+    guard_mis: deque[float] = deque(maxlen=GUARD_WINDOW)
+    mismatch: list[float] = []  # per overlapped step: mean |trainer's loss - scorer's loss| / mean trainer's loss
+    alarms = {"ratio": [], "conc": [], "mis": []}  # steps where each guard signal crossed its threshold (acted on or not)
     fallbacks: list[int] = []
     digest = hashlib.sha256()
     stale_stats = {"sum": 0, "n": 0, "max": 0}
@@ -413,6 +424,8 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         return {"pos": pos, "budget": len(pos) if variable else max(1, round(len(pos) * f))}
 
     def fresh_phase() -> bool:
+        if fix.stale_until and st["steps"] >= fix.stale_until:
+            return True
         return not st["overlap"] or st["steps"] < st["guard_until"]
 
     def queued_positions():
@@ -548,9 +561,13 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         guard_conc.append(conc)
         if ahead:
             guard_ratio.append(fresh_mean / max(stale_mean, 1e-12))
+            mis = float((per.detach() - stale_l).abs().mean()) / max(fresh_mean, 1e-12)
+            guard_mis.append(mis)
+            mismatch.append(mis)
         fired = {}
         for name, hist, thr, below in (("ratio", guard_ratio, GUARD_RATIO, True),
-                                       ("conc", guard_conc, GUARD_CONC, False)):
+                                       ("conc", guard_conc, GUARD_CONC, False),
+                                       ("mis", guard_mis, GUARD_MIS, False)):
             if len(hist) == GUARD_WINDOW:
                 mean = sum(hist) / GUARD_WINDOW
                 fired[name] = mean < thr if below else mean > thr
@@ -558,7 +575,7 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
                     alarms[name].append(steps)
         if fix.guard is not None and st["overlap"]:
             sig, thr = fix.guard
-            hist = guard_ratio if sig == "ratio" else guard_conc
+            hist = {"ratio": guard_ratio, "conc": guard_conc, "mis": guard_mis}[sig]
             if len(hist) == GUARD_WINDOW:
                 mean = sum(hist) / GUARD_WINDOW
                 if (mean < thr) if sig == "ratio" else (mean > thr):
@@ -643,6 +660,10 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
            "hidden_share": counts["pools_hidden"] / max(1, counts["pools"]),
            "staleness_mean_steps": stale_stats["sum"] / max(1, stale_stats["n"]), "staleness_max_steps": stale_stats["max"],
            "guard_fallbacks": fallbacks, "alarms_ratio": alarms["ratio"], "alarms_conc": alarms["conc"],
+           "alarms_mis": alarms["mis"],
+           "mismatch_mean": sum(mismatch) / len(mismatch) if mismatch else None,
+           "mismatch_max5": max((sum(mismatch[i:i + GUARD_WINDOW]) / GUARD_WINDOW
+                                 for i in range(len(mismatch) - GUARD_WINDOW + 1)), default=None),
            "mean_kept_per_pool": kept_total / max(1, pools_total),
            "train_seconds": secs["train"], "score_seconds": secs["score"], "rerank_seconds": secs["rerank"],
            "replay_seconds": scorer.seconds, "replayed_steps": scorer.replayed_steps,
@@ -713,9 +734,60 @@ def cmd_trace(args) -> None:
         runs[fx] = res
     stem = f"trace_{args.strategy}_f{args.fraction:g}_s{args.seed}_sync{args.sync_every}"
     (out / f"{stem}.json").write_text(json.dumps(runs))
+    summary = trace_summary(runs)
+    (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
     plot_trace(runs, out / f"{stem}.png", title=f"{args.strategy}, fraction {args.fraction:g}, seed {args.seed}",
                steps=args.plot_steps)
     print(f"wrote {out / stem}.json and .png", file=sys.stderr)
+
+
+def _top(counts) -> int:
+    return max(range(len(counts)), key=lambda i: counts[i])
+
+
+def trace_series(tr: list[dict], key: str) -> list[float]:
+    """One per-step series of a trace (derived ones included)."""
+    if key == "top_class_share":
+        return [max(r["class_counts"]) / max(1, sum(r["class_counts"])) for r in tr]
+    if key == "repeat_class":  # 10-step share of batches whose commonest class is the previous batch's
+        same = [0.0] + [float(_top(a["class_counts"]) == _top(b["class_counts"])) for b, a in zip(tr, tr[1:])]
+        return [sum(same[max(0, i - 9):i + 1]) / len(same[max(0, i - 9):i + 1]) for i in range(len(same))]
+    if key == "pred_top_share":
+        return [max(r["pred_dist"]) for r in tr]
+    if key == "dead_fc":
+        return [r["dead_relu"][-1] for r in tr]
+    if key == "dead_conv2":
+        return [r["dead_relu"][1] for r in tr]
+    if key == "loss_ratio":
+        return [r["batch_loss"] / max(r["chosen_loss_scorer_mean"], 1e-12) for r in tr]
+    return [r[key] for r in tr]
+
+
+def trace_summary(runs: dict, cut: int = 30) -> dict:
+    """Per run, means over steps 2..cut-1 and cut..end of the mechanism's figures (and the dead shares at each end)."""
+    keys = ("repeat_class", "top_class_share", "pred_top_share", "agreement", "grad_norm", "loss_ratio",
+            "batch_loss", "chosen_loss_scorer_mean")
+    out = {}
+    for name, res in runs.items():
+        tr = res["trace"]
+        seg = {}
+        for label, lo, hi in (("early", 2, cut), ("late", cut, len(tr) + 1)):
+            idx = [i for i, r in enumerate(tr) if lo <= r["step"] < hi]
+            if not idx:
+                continue
+            row = {}
+            for k in keys:
+                series = trace_series(tr, k)
+                row[k] = sum(series[i] for i in idx) / len(idx)
+            row["grad_norm_max"] = max(tr[i]["grad_norm"] for i in idx)
+            row["dead_fc_at_end"] = tr[idx[-1]]["dead_relu"][-1]
+            row["dead_conv2_at_end"] = tr[idx[-1]]["dead_relu"][1]
+            row["test_loss_at_end"] = tr[idx[-1]]["probe_loss"]
+            row["steps"] = [tr[idx[0]]["step"], tr[idx[-1]]["step"]]
+            seg[label] = row
+        out[name] = {"test_accuracy": res["test_accuracy"], **seg}
+    return out
 
 
 def plot_trace(runs: dict, path: Path, title: str, steps: int) -> None:
@@ -724,35 +796,29 @@ def plot_trace(runs: dict, path: Path, title: str, steps: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("probe_loss", "test loss (1,000 images)"),
-              ("batch_loss", "chosen batch: loss, current weights"),
-              ("chosen_loss_scorer_mean", "chosen batch: loss, scoring weights"),
+    panels = [("probe_loss", "test loss (1,000 test images)"),
+              ("batch_loss", "chosen batch: mean loss, current weights"),
+              ("chosen_loss_scorer_mean", "chosen batch: mean loss, scoring weights"),
               ("grad_norm", "gradient norm of the step"),
+              ("agreement", "chosen batch: share fresh scoring also picks"),
               ("top_class_share", "chosen batch: share of its commonest class"),
+              ("repeat_class", "commonest class = previous batch's (10-step mean)"),
               ("pred_top_share", "test predictions: share of the commonest class"),
-              ("dead_fc", "dead ReLUs, hidden layer (share)"),
-              ("agreement", "chosen batch: share fresh scoring also picks")]
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+              ("dead_conv2", "dead ReLUs: second conv layer (channels)"),
+              ("dead_fc", "dead ReLUs: hidden layer (units)")]
+    fig, axes = plt.subplots(2, 5, figsize=(20, 7.5))
     for ax, (key, label) in zip(axes.flat, panels):
         for name, res in runs.items():
             tr = res["trace"][:steps]
-            xs = [r["step"] for r in tr]
-            if key == "top_class_share":
-                ys = [max(r["class_counts"]) / max(1, sum(r["class_counts"])) for r in tr]
-            elif key == "pred_top_share":
-                ys = [max(r["pred_dist"]) for r in tr]
-            elif key == "dead_fc":
-                ys = [r["dead_relu"][-1] for r in tr]
-            else:
-                ys = [r[key] for r in tr]
-            ax.plot(xs, ys, label=f"{name} (acc {res['test_accuracy']:.3f})", lw=1)
+            ax.plot([r["step"] for r in tr], trace_series(tr, key), label=f"{name} (acc {res['test_accuracy']:.3f})",
+                    lw=1)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
