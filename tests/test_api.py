@@ -69,7 +69,9 @@ def test_the_readme_loop_trains_with_each_kind_of_strategy_embedded(strategy):
     if strategy == "high_loss":
         assert session.mode == "online" and session.costs.samples_trained == 3 * 600 // 2  # half of each pool
     if strategy == "dynams":
-        assert session.costs.refreshes == 3 and loader.last_selection_size == 300
+        # one warm-up epoch on all the data (the paper's), then a core-set each epoch
+        assert session.costs.refreshes == 2 and session.costs.full_data_epochs == 1
+        assert loader.last_selection_size == 300
     if strategy == "infobatch":
         # prunes part of the well-learned samples after the first epoch, trains on the rest
         assert session.costs.samples_trained < 3 * 600 and session.uses_reports

@@ -173,7 +173,7 @@ def test_online_accumulates_variable_selections_into_full_batches(recorder):
 
 
 def test_selective_backprop_steps_on_full_batches():
-    s = train(_config(strategy="selective_backprop", epochs=1, train_subset=1000))
+    s = train(_config(strategy="selective_backprop", epochs=1, train_subset=1000, options={"warmup_epochs": 0}))
     # About a quarter of the candidates are kept (beta=3); every step but the last is a full batch.
     assert s["steps"] == -(-s["samples_trained"] // 32)
     assert 0.1 * 1000 < s["samples_trained"] < 0.5 * 1000

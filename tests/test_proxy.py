@@ -277,7 +277,7 @@ def test_proxy_and_diagnostics_travel_over_a_real_server():
 def test_training_with_the_proxy_end_to_end(tmp_path):
     cfg = dict(strategy="dynams", dataset="synthetic", device="cpu", epochs=2, train_subset=600, test_subset=200,
                progress=False, threads=1, micro_batch=256)
-    summary = train(TrainConfig(**cfg, options={"proxy": "psp"}, output=str(tmp_path)))
+    summary = train(TrainConfig(**cfg, options={"proxy": "psp", "warmup_epochs": 0}, output=str(tmp_path)))
     assert summary["proxy_width_ratio"] == 0.5 and summary["proxy_loss_weight"] == 1.0
     per_epoch = [e["diagnostics"]["proxy_rank_correlation"] for e in summary["per_epoch"]]
     assert len(per_epoch) == 2 and all(-1.0 <= r <= 1.0 for r in per_epoch)
