@@ -176,7 +176,8 @@ class RemoteScorer:
         try:
             resp = self._call(self._stub.OpenSession, pb.OpenSessionRequest(
                 strategy=spec.strategy, options_json=json.dumps(spec.options or {}),
-                model=pb.ModelSpec(name=spec.model_name, kwargs_json=json.dumps(spec.model_kwargs)),
+                model=pb.ModelSpec(name=spec.model_name, kwargs_json=json.dumps(spec.model_kwargs),
+                                   exported=spec.exported or b""),
                 seed=spec.seed, num_classes=spec.num_classes, dataset=spec.dataset,
                 dataset_size=spec.dataset_size, policy=spec.policy, input_scale=spec.input_scale,
             ))

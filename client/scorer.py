@@ -45,6 +45,9 @@ class SessionSpec:
     last_layer: str | None = None
     #: One sample's shape when known (registered image models know theirs).
     input_shape: tuple[int, ...] | None = None
+    #: For a server: the model as an `export_model` archive, when it is not a registered architecture
+    #: (`model_name` is then "exported:<digest>" and `model` the module itself, for an offline fallback).
+    exported: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

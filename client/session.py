@@ -313,6 +313,9 @@ class Session:
         registered = self.remote_model or getattr(module, "dataselect_model", None)
         if registered is not None:  # built from its name, in-process as on a server
             spec.model_name, spec.model_kwargs = registered[0], dict(registered[1])
+        elif self.server:  # a server has no code for it: ship it as an exported program (data, not code)
+            spec.model_name, spec.exported = self._export(module, example)
+            spec.model = module  # an offline fallback scores on a copy of it in-process
         else:  # the embedded session scores on a copy of the module itself
             spec.model_name, spec.model = type(module).__name__, module
         device = self.device or _device_of(module)
@@ -337,15 +340,24 @@ class Session:
                                      who=f"strategy {self.strategy!r} (parameter-sharing proxy)").to(device).train()
             self.proxy_weight = float(info.proxy_loss_weight)
 
+    def _export(self, module: nn.Module, example: torch.Tensor | None) -> tuple[str, bytes]:
+        """The module as a `torch.export` archive for a server, and the name it goes by there."""
+        from dataselect.exported import export_model
+
+        if example is None:
+            raise InvalidArgument(
+                f"scoring {type(module).__name__} on a server ships it as an exported program, which needs an example "
+                "input: call session.open(example=inputs[:2]) first (loaders and select() pass one themselves), or "
+                "register the architecture by name (dataselect.models.build_model / remote_model=(name, kwargs))")
+        x = example[:2].to(_device_of(module))
+        archive = export_model(module, x, last_layer=self.last_layer)
+        return f"exported:{hashlib.sha256(archive).hexdigest()[:12]}", archive
+
     def _open_scorer(self, spec: SessionSpec, device: torch.device, registered) -> Scorer:
         if not self.server:
             e = self.engine
             return EmbeddedScorer(spec, device=device, micro_batch=e.micro_batch, precision=e.precision,
                                   channels_last=e.channels_last, compile=e.compile)
-        if registered is None:
-            raise InvalidArgument(
-                f"scoring {type(spec.model).__name__} on a server needs a model the server can build: a registered "
-                "architecture (build the model with dataselect.models.build_model, or pass remote_model=(name, kwargs))")
         r = self.remote_options
         if "," in self.server:
             from dataselect.client.replicas import open_replicated

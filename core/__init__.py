@@ -34,6 +34,7 @@ _EXPORTS = {
     "Session": "dataselect.client.session",
     "Batch": "dataselect.client.session",
     "Chosen": "dataselect.client.session",
+    "weighted_loss": "dataselect.client.session",
     "EngineOptions": "dataselect.client.session",
     "RemoteOptions": "dataselect.client.session",
     "SelectionLoader": "dataselect.client.loader",
@@ -47,6 +48,7 @@ _EXPORTS = {
     "RunPlan": "dataselect.plugins.base",
     "build_model": "dataselect.models",
     "list_models": "dataselect.models",
+    "export_model": "dataselect.exported",
 }
 
 __all__ = ["hookimpl", "__version__", *_EXPORTS]

@@ -399,3 +399,11 @@ def list_models() -> list[str]:
     from dataselect.plugins import models
 
     return list(models())
+
+
+def input_dtype(scoring: "ScoringModel") -> torch.dtype:
+    """The dtype a trial input for this model has: uint8 images for registered image models, the exported
+    program's own input dtype, float32 otherwise."""
+    if scoring.exported:
+        return scoring.module.input_dtype
+    return torch.uint8 if scoring.takes_images else torch.float32

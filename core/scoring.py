@@ -39,7 +39,7 @@ from dataselect.errors import (
     PluginError,
     ResourceExhausted,
 )
-from dataselect.models import ScoringModel, build_model
+from dataselect.models import ScoringModel, build_model, input_dtype
 from dataselect.plugins import get_selector
 from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
 from dataselect.plugins.policies import POLICIES, VARIABLE_SIZE_POLICIES
@@ -232,8 +232,7 @@ class ScoringSession:
     def _trial_input(self) -> torch.Tensor | None:
         if self.input_shape is None or None in self.input_shape:
             return None  # a model that does not say what it takes: checked at the first Select
-        dtype = torch.uint8 if self.scoring_model.takes_images else torch.float32
-        return torch.zeros(2, *self.input_shape, dtype=dtype, device=self.device)
+        return torch.zeros(2, *self.input_shape, dtype=input_dtype(self.scoring_model), device=self.device)
 
     def _trial_forward(self, x: torch.Tensor) -> None:
         x = prepare_inputs(x, channels_last=self.channels_last, input_size=self.scaled_size(*x.shape[-2:]))
@@ -292,8 +291,9 @@ class ScoringSession:
     def _input_shape(self) -> tuple | None:
         """(channels, height, width) a registered model takes, from its kwargs or its builder's defaults
         (None: unknown, e.g. a module the caller built)."""
-        if not self.registered:
-            return None
+        if not self.registered:  # an exported program knows its input; another module does not say
+            shape = getattr(self.model, "input_shape", None) if self.scoring_model.exported else None
+            return None if shape is None else tuple(int(d) for d in shape)
         import inspect
 
         from dataselect.plugins import get_model_builder

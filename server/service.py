@@ -13,6 +13,7 @@ strategy plugin). Each refusal names the field.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -34,7 +35,8 @@ from dataselect.errors import (
     PluginError,
     ResourceExhausted,
 )
-from dataselect.models import build_model
+from dataselect.exported import load_exported
+from dataselect.models import build_model, input_dtype
 from dataselect.plugins import get_model_builder, models, selectors
 from dataselect.plugins.base import Progress
 from dataselect.scoring import PoolChunk, ScoringSession
@@ -247,21 +249,28 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             check_name(value, field)
         options = parse_json_object(request.options_json, "options_json")
         kwargs = parse_json_object(request.model.kwargs_json, "model.kwargs_json")
-        if not request.model.name:
-            raise InvalidArgument(f"model.name is empty; known models: {', '.join(models())}")
-        get_model_builder(request.model.name)  # an unknown name lists the known ones before anything is built
-        self._check_model_kwargs(kwargs)
-        self._check_sample_size(kwargs)
         if not (math.isfinite(request.input_scale) and request.input_scale >= 0):
             raise InvalidArgument(f"input_scale must be a number in (0, 1] (0 = 1), got {request.input_scale!r}")
-        estimate = estimate_model_bytes(request.model.name, kwargs)
+        if request.model.exported:
+            model, model_kwargs = self._exported_model(request.model, kwargs), None
+            estimate, label = len(request.model.exported), f"model {request.model.name!r}"
+        else:
+            if not request.model.name:
+                raise InvalidArgument(f"model.name is empty; known models: {', '.join(models())}")
+            get_model_builder(request.model.name)  # an unknown name lists the known ones before anything is built
+            self._check_model_kwargs(kwargs)
+            self._check_sample_size(kwargs)
+            model, model_kwargs = request.model.name, kwargs
+            estimate = estimate_model_bytes(request.model.name, kwargs)
+            label = f"model {request.model.name!r} with {json.dumps(kwargs)[:200]}"
         principal = principal_of(context, self.authenticated)
-        with self.store.reserve(estimate or 0, f"model {request.model.name!r} with {json.dumps(kwargs)[:200]}"):
+        with self.store.reserve(estimate or 0, label):
             session = ScoringSession(
-                request.strategy, options, request.model.name, kwargs,
+                request.strategy, options, model, model_kwargs,
                 num_classes=request.num_classes, seed=request.seed, dataset=request.dataset,
                 dataset_size=request.dataset_size, policy=request.policy, device=self.device,
-                micro_batch=self.micro_batch, input_scale=request.input_scale or 1.0, **self.engine_options,
+                micro_batch=self.micro_batch, input_scale=request.input_scale or 1.0,
+                model_label=request.model.name, **self.engine_options,
             )
             try:
                 # Name the registering plugin too, so a failing third-party strategy is easy to trace.
@@ -282,6 +291,19 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             proxy=None if session.proxy is None else pb.ProxySpec(width_ratio=session.proxy.ratio,
                                                                   loss_weight=session.proxy.loss_weight),
         )
+
+    def _exported_model(self, spec: pb.ModelSpec, kwargs: dict[str, Any]) -> torch.nn.Module:
+        """A model shipped as an `export_model` archive: named by its digest, loaded as data (never as code)."""
+        data = spec.exported
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        if spec.name != f"exported:{digest}":
+            raise InvalidArgument(f"model.name must be 'exported:{digest}' for this archive (the first 12 hex digits "
+                                  f"of its SHA-256), got {spec.name[:40]!r}: send the archive export_model wrote, "
+                                  "unchanged")
+        if kwargs:
+            raise InvalidArgument("model.kwargs_json must be empty for an exported model (its weights and shapes "
+                                  "are in the archive)")
+        return load_exported(data, max_bytes=self.max_message_bytes)
 
     @staticmethod
     def _check_model_kwargs(kwargs: dict[str, Any]) -> None:
@@ -369,9 +391,9 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             return  # refused by load_checkpoint, naming the keys and shapes
         trial = {k: v.to(device=own[k].device, dtype=own[k].dtype) if v.is_floating_point() else v.to(own[k].device)
                  for k, v in state.items()}
-        takes_images = session.scoring_model.takes_images
-        dtype = torch.uint8 if takes_images else torch.float32
-        x = torch.stack([torch.zeros(shape, dtype=dtype), torch.full(shape, 255 if takes_images else 1, dtype=dtype)])
+        dtype = input_dtype(session.scoring_model)
+        top = 255 if dtype == torch.uint8 else 1
+        x = torch.stack([torch.zeros(shape, dtype=dtype), torch.full(shape, top, dtype=dtype)])
         x = x.to(session.device)
         if session.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -140,9 +140,22 @@ def test_a_session_refuses_what_it_cannot_do_with_the_fix_in_the_message():
         dataselect.Session("high_loss", _model(), fraction=0)
     with pytest.raises(InvalidArgument, match="known options"):
         dataselect.Session("high_loss", _model(), options={"beta": 1})
-    session = dataselect.Session("high_loss", _model(), server="127.0.0.1:1")
-    with pytest.raises(InvalidArgument, match="registered architecture"):
-        session.open(dataset_size=10, example=torch.zeros(2, 20))
+    # a module the server has no code for is shipped as an exported program: that needs an example input
+    session = dataselect.Session("high_loss", _model(), server="127.0.0.1:1", num_classes=2)
+    with pytest.raises(InvalidArgument, match="needs an example input"):
+        session.open(dataset_size=10)
+
+    class Branchy(torch.nn.Module):  # a Python branch on tensor values cannot be exported
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(20, 2)
+
+        def forward(self, x):
+            return self.fc(x) if float(x.sum()) > 0 else -self.fc(x)
+
+    session = dataselect.Session("high_loss", Branchy(), server="127.0.0.1:1", num_classes=2)
+    with pytest.raises(InvalidArgument, match="torch.export could not capture Branchy"):
+        session.open(dataset_size=10, example=torch.ones(2, 20))
 
 
 @pytest.fixture(scope="module")

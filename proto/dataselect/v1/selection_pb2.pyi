@@ -17,12 +17,14 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "kwargs_json")
+    __slots__ = ("name", "kwargs_json", "exported")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kwargs_json: str
-    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
+    exported: bytes
+    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ..., exported: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("strategy", "options_json", "model", "seed", "num_classes", "dataset", "dataset_size", "policy", "input_scale")
