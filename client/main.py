@@ -52,6 +52,8 @@ def strategies(as_json: bool) -> None:
             click.echo(f"    signals: {', '.join(row['signals'])}")
         for opt, spec in row["options"].items():
             extra = f"; one of {', '.join(map(str, spec['choices']))}" if spec.get("choices") else ""
+            if "min" in spec or "max" in spec:
+                extra += f"; in [{spec.get('min', '-inf')}, {spec.get('max', 'inf')}]"
             click.echo(f"    -o {opt}=<{spec['type']}> (default {spec['default']!r}{extra}) {spec.get('help', '')}".rstrip())
 
 

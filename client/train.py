@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -238,7 +239,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
         remote=RemoteOptions(token_file=config.token_file, tls_ca=config.tls_ca,
                              on_server_failure=config.on_server_failure, retry_seconds=config.retry_seconds,
                              checkpoint_dtype=config.checkpoint_dtype, checkpoint_delta=config.checkpoint_delta),
-        warn=(lambda message: log(f"warning: {message}")) if log is not None else (lambda message: None))
+        # Warnings reach the user even with -q (no log): they say what the run will not do.
+        warn=(lambda message: log(f"warning: {message}")) if log is not None else _stderr_warning)
     session.dist = dist_ctx
     costs = session.costs
     costs.data_seconds += load_seconds
@@ -473,3 +475,7 @@ if __name__ == "__main__":  # python -m dataselect.client.train / torchrun -m da
     from dataselect.client.cli import main
 
     main()
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

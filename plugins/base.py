@@ -78,6 +78,9 @@ class Option:
         out = {"type": self.type.__name__, "default": self.default, "help": self.help}
         if self.choices is not None:
             out["choices"] = list(self.choices)
+        for bound in ("min", "max"):  # the range `parse` enforces, so users see it before they hit it
+            if getattr(self, bound) is not None:
+                out[bound] = getattr(self, bound)
         return out
 
 
@@ -164,7 +167,7 @@ class Selector:
     #: Declared options; anything else is rejected.
     options: ClassVar[dict[str, Option]] = {}
     #: True: `select` returns exactly `budget` positions. False: it returns
-    #: between 1 and `budget` (the budget is an upper bound), for strategies that
+    #: between 0 and `budget` (the budget is an upper bound), for strategies that
     #: keep a variable number by nature (selective backprop, InfoBatch). The
     #: session reads the *instance* attribute, so an option may change it.
     exact_budget: ClassVar[bool] = True

@@ -68,6 +68,14 @@ def test_quiet_still_prints_the_result_line():
     assert proc.stdout.startswith("test_accuracy ") and proc.stderr == ""
 
 
+def test_quiet_still_says_what_the_run_will_not_do():
+    # a 2-epoch InfoBatch run prunes nothing (it prunes while epoch + 1 <= 0.875 * epochs): said even with -q
+    proc = train_cli(*QUICK, "--strategy", "infobatch", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("test_accuracy ")
+    assert proc.stderr.startswith("warning: strategy 'infobatch' prunes") and "--epochs 3" in proc.stderr
+
+
 def test_unknown_strategy_fails_before_loading_data(tmp_path):
     # A dataset that would need a download: the strategy error must come first.
     proc = train_cli("--strategy", "no_such", "--dataset", "mnist", "--no-download", "--data-dir", str(tmp_path))
