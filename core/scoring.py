@@ -427,6 +427,7 @@ class ScoringSession:
                 raise InvalidArgument("duplicate ids in the pool: each candidate must appear once")
             pool = Pool(ids=ids, labels=labels,
                         signals={k: torch.cat(v) for k, v in signal_parts.items()}, progress=progress)
+            self._check_signals(pool)
             sel = self._run_strategy(pool, budget, policy)
             diagnostics = dict(sel.diagnostics or {})
             if proxy is not None:
@@ -442,6 +443,21 @@ class ScoringSession:
             samples_scored=n,
             diagnostics=diagnostics,
         )
+
+    def _check_signals(self, pool: Pool) -> None:
+        """Non-finite signals come from the model, not the strategy: say so, naming samples, before the
+        strategy sees them (it would otherwise be blamed for NaN scores)."""
+        for name, value in pool.signals.items():
+            if not value.is_floating_point():
+                continue
+            bad = ~torch.isfinite(value.reshape(len(pool), -1)).all(dim=1)
+            if bool(bad.any()):
+                ids = pool.ids[bad][:5].tolist()
+                raise FailedPrecondition(
+                    f"the scoring model gives non-finite {name} for {int(bad.sum())} of {len(pool)} samples (ids "
+                    f"{', '.join(map(str, ids))}{', ...' if int(bad.sum()) > 5 else ''}) with checkpoint version "
+                    f"{self.checkpoint_version}: the trained weights have diverged or overflow on these inputs; "
+                    "lower the learning rate or push weights from before training diverged")
 
     def _checked(self, chunks: Iterable[PoolChunk]) -> Iterable[PoolChunk]:
         for chunk in chunks:

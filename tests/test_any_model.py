@@ -149,3 +149,22 @@ def test_a_registered_model_with_a_bad_argument_is_refused_at_open():
     kw = dict(num_classes=10, in_channels=1, image_size=28, mean=[0.5], std=[0.0])
     with pytest.raises(InvalidArgument, match="std must be > 0"):
         ScoringSession("high_loss", {}, "cnn-small", kw, num_classes=10)
+
+
+def test_non_finite_signals_are_blamed_on_the_model_naming_samples():
+    """Weights that are finite but overflow on some inputs give inf logits: the Select says the model
+    diverged and which samples, rather than blaming the strategy for NaN scores."""
+    from dataselect.errors import FailedPrecondition
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    s = ScoringSession("high_loss", {}, mlp, num_classes=3)
+    state = {k: v.clone() for k, v in mlp.state_dict().items()}
+    state["0.weight"] = torch.full_like(state["0.weight"], 1e20)  # finite, but the second layer overflows
+    state["2.weight"] = torch.full_like(state["2.weight"], 1e20)
+    s.load_state_dict(state, 3)
+    x = torch.zeros(10, 6)
+    x[4] = 1.0  # only this sample's activations reach 1e20 * 1e20 * 16
+    with pytest.raises(FailedPrecondition, match=r"non-finite loss for 1 of 10 samples \(ids 104\) with checkpoint "
+                                                 r"version 3.*lower the learning rate"):
+        s.select([PoolChunk(ids=torch.arange(100, 110), labels=torch.zeros(10, dtype=torch.long), inputs=x)], 5)
