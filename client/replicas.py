@@ -20,7 +20,7 @@ stay where they are.
 How the budget stays global:
 
 * `exact` merge — strategies whose selection is the default "score, then
-  apply the policy" (`Selector.select` not overridden: high_loss,
+  apply the policy" (`select_kind = "score_then_policy"`: high_loss,
   high_gradient, high_influence and plugins built the same way). Each replica
   returns its shard's scores; the client puts them back in pool order and
   applies the policy (topk, class_balanced, threshold or sample) to the whole
@@ -175,9 +175,8 @@ def apportion(budget: int, sizes: list[int]) -> list[int]:
 def merge_kind(strategy: str) -> str:
     """"exact" when the strategy's selection is score-then-policy (scores can be merged), else "proportional"."""
     from dataselect.plugins import get_selector
-    from dataselect.plugins.base import Selector
 
-    return "exact" if get_selector(strategy).select is Selector.select else "proportional"
+    return "exact" if get_selector(strategy).select_kind == "score_then_policy" else "proportional"
 
 
 class _ReplicaDown(Exception):

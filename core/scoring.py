@@ -501,12 +501,11 @@ class ScoringSession:
     def _run_strategy(self, pool: Pool, budget: int, policy: str) -> Selection:
         """Run the strategy; whatever it gets wrong becomes a PluginError naming it and its plugin."""
         from dataselect.plugins import selectors
-        from dataselect.plugins.base import Selector
         from dataselect.plugins.policies import apply_policy
 
         try:
             try:
-                if type(self.selector).select is Selector.select:
+                if self.selector.select_kind == "score_then_policy":
                     # The default select: check score()'s output before a policy indexes with it.
                     scores = self.selector.score(pool)
                     self._check_scores(scores, len(pool))

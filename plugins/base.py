@@ -196,6 +196,19 @@ class Selector:
     proxy_width_ratio: float | None = None
     proxy_loss_weight: float = 1.0
     proxy_agreement_sample: int = 512
+    #: "score_then_policy": selection is `score` followed by the policy (the default `select`), so the
+    #: session checks the scores before the policy and replicas merge scores exactly; "whole_pool": `select`
+    #: has logic of its own. Declare it when you override `select`; left undeclared, it is set once, when the
+    #: class is defined, from whether the class overrides `select`.
+    select_kind: ClassVar[str] = "score_then_policy"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "select_kind" not in cls.__dict__:
+            cls.select_kind = "score_then_policy" if cls.select is Selector.select else "whole_pool"
+        if cls.select_kind not in ("score_then_policy", "whole_pool"):
+            raise TypeError(f"{cls.__name__}.select_kind must be 'score_then_policy' or 'whole_pool', "
+                            f"got {cls.select_kind!r}")
 
     def __init__(self, options: dict[str, Any] | None = None, context: SessionContext | None = None):
         self.opts = self.resolve_options(options or {})
@@ -231,6 +244,7 @@ class Selector:
             "with_replacement": cls.with_replacement,
             "static": cls.static,
             "self_sized": cls.self_sized,
+            "select_kind": cls.select_kind,
             "options": {k: v.describe() for k, v in cls.options.items()},
         }
 

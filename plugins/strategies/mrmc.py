@@ -59,7 +59,7 @@ class MRMCSelector(Selector):
     Samples with fewer than two points get φ = 0.
 
     Balance (MRMC-R, `rho` < 1): the top ⌈rho·k⌉ by φ are taken; a softmax
-    linear proxy is fitted on their penultimate features (standardised,
+    linear probe is fitted on their penultimate features (standardised,
     L-BFGS from zero, L2 1e-3, so deterministic); the rest are ranked by
     φ − gamma·p'_y and fill the remaining places. `rho=1` is plain MRMC.
     Policies other than topk are applied to φ directly, without balance.
@@ -70,7 +70,7 @@ class MRMCSelector(Selector):
     """
 
     name = "mrmc"
-    description = ("Static core-set of the samples whose warm-up loss falls most, balanced by a linear proxy "
+    description = ("Static core-set of the samples whose warm-up loss falls most, balanced by a linear probe "
                    "(MRMC-R, “Maximum Reduction as Maximum Contribution”, ICML 2025).")
     default_mode = "subset"
     default_policy = "topk"
@@ -84,7 +84,7 @@ class MRMCSelector(Selector):
                                 "each curve: on, off (training-mode losses only; needs warmup_epochs >= 2), or auto "
                                 "(only with a 1-epoch warm-up)", choices=("auto", "on", "off")),
         "rho": Option(float, 0.3, "fraction of the budget taken by φ alone (1 = plain MRMC)", min=0.0, max=1.0),
-        "gamma": Option(float, 2.0, "penalty on the proxy's true-class probability", min=0.0, max=1000.0),
+        "gamma": Option(float, 2.0, "penalty on the linear probe's true-class probability", min=0.0, max=1000.0),
     }
 
     def __init__(self, options=None, context=None):
@@ -135,12 +135,12 @@ class MRMCSelector(Selector):
         rest = torch.ones(len(pool), dtype=torch.bool)
         rest[head] = False
         rest_idx = torch.nonzero(rest, as_tuple=True)[0]
-        p_true = self._proxy_true_prob(pool.signals["features"], pool.labels, head, rest_idx)
+        p_true = self._probe_true_prob(pool.signals["features"], pool.labels, head, rest_idx)
         combined = phi[rest_idx].double() - self.opts["gamma"] * p_true
         tail = rest_idx[topk(combined, budget - first).indices]
         return Selection(indices=torch.cat([head, tail]), scores=phi)
 
-    def _proxy_true_prob(self, feats, labels, head, rest_idx) -> torch.Tensor:
+    def _probe_true_prob(self, feats, labels, head, rest_idx) -> torch.Tensor:
         h = feats.double()
         mu, sd = h[head].mean(0), h[head].std(0, unbiased=False).clamp_min(1e-6)
         h = (h - mu) / sd
