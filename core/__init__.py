@@ -43,6 +43,7 @@ _EXPORTS = {
     "Selector": "dataselect.plugins.base",
     "Option": "dataselect.plugins.base",
     "Pool": "dataselect.plugins.base",
+    "Report": "dataselect.plugins.base",
     "Selection": "dataselect.plugins.base",
     "Progress": "dataselect.plugins.base",
     "RunPlan": "dataselect.plugins.base",

@@ -41,7 +41,7 @@ from dataselect.errors import (
 )
 from dataselect.models import ScoringModel, build_model, input_dtype
 from dataselect.plugins import get_selector
-from dataselect.plugins.base import Pool, Progress, Selection, SessionContext
+from dataselect.plugins.base import Pool, Progress, Report, Selection, SessionContext
 from dataselect.plugins.policies import POLICIES, VARIABLE_SIZE_POLICIES
 from dataselect.proxy import SessionProxy
 
@@ -600,8 +600,9 @@ class ScoringSession:
             if not self.selector.uses_reports:
                 return 0.0
             try:
-                self.selector.on_report(ids.long(), losses.float(), None if true_class_probs is None else true_class_probs.float(),
-                                        None if correct is None else correct.bool(), progress or Progress())
+                self.selector.on_report(Report(
+                    ids.long(), losses.float(), None if true_class_probs is None else true_class_probs.float(),
+                    None if correct is None else correct.bool(), progress or Progress()))
             except DataselectError:
                 raise
             except Exception as exc:

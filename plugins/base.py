@@ -135,6 +135,22 @@ class Pool:
 
 
 @dataclass
+class Report:
+    """Training-side statistics for samples just trained on, one row per sample (what `on_report` gets).
+
+    New fields may be added with defaults; a strategy reads the ones it needs by name."""
+
+    ids: torch.Tensor  # int64 [n], CPU
+    losses: torch.Tensor  # float32 [n]: the trainer's per-sample losses (its forward pass, train mode)
+    true_class_probs: torch.Tensor | None = None  # float32 [n], when the trainer sent them
+    correct: torch.Tensor | None = None  # bool [n]: argmax == label, when the trainer sent it
+    progress: Progress = field(default_factory=Progress)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass
 class Selection:
     """Positions into the pool to train on, with optional loss weights."""
 
@@ -272,12 +288,6 @@ class Selector:
         scores = self.score(pool)
         return apply_policy(policy, scores, pool.labels, budget, self.context.generator)
 
-    def on_report(
-        self,
-        ids: torch.Tensor,
-        losses: torch.Tensor,
-        true_class_probs: torch.Tensor | None,
-        correct: torch.Tensor | None,
-        progress: Progress,
-    ) -> None:
-        """Training-side statistics for samples just trained on (default: ignored)."""
+    def on_report(self, report: Report) -> None:
+        """Training-side statistics for samples just trained on (default: ignored). One `Report`
+        argument, as `score` gets one `Pool`, so the statistics can grow without breaking strategies."""

@@ -17,7 +17,7 @@ import dataselect
 from dataselect.client import session as session_mod
 from dataselect.client.train import TrainConfig, train
 from dataselect.plugins import register_plugin, unregister_plugin
-from dataselect.plugins.base import Option, Pool, Selection, Selector
+from dataselect.plugins.base import Option, Pool, Report, Selection, Selector
 
 #: What the recorder saw in the current test: ("select"|"report", epoch, total_epochs, ids, weights).
 EVENTS: list[tuple] = []
@@ -55,7 +55,9 @@ class _Recorder(Selector):
                        weights, n, budget))
         return Selection(indices=idx, weights=weights)
 
-    def on_report(self, ids, losses, true_class_probs, correct, progress) -> None:
+    def on_report(self, report: Report) -> None:
+        ids, losses, true_class_probs, correct, progress = (report.ids, report.losses, report.true_class_probs,
+                                                             report.correct, report.progress)
         assert losses.shape == ids.shape and true_class_probs.shape == ids.shape and correct.shape == ids.shape
         EVENTS.append(("report", progress.epoch, progress.total_epochs, ids.clone(), None))
 

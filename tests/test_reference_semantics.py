@@ -34,7 +34,7 @@ from torch import nn
 import dataselect
 from dataselect.errors import InvalidArgument
 from dataselect.plugins import get_selector
-from dataselect.plugins.base import Pool, Progress, SessionContext
+from dataselect.plugins.base import Pool, Progress, Report, SessionContext
 
 
 def make(name, seed=0, **opts):
@@ -58,7 +58,7 @@ SIX = torch.tensor([0.1, 0.2, 0.3, 0.4, 2.0, 3.0])
 
 def infobatch_after(losses, **opts):
     sel = make("infobatch", **opts)
-    sel.on_report(torch.arange(len(losses)), torch.as_tensor(losses, dtype=torch.float32), None, None, at(0))
+    sel.on_report(Report(torch.arange(len(losses)), torch.as_tensor(losses, dtype=torch.float32), None, None, at(0)))
     return sel
 
 
@@ -171,12 +171,12 @@ def test_importance_sampling_estimates_once_after_warmup():
     sel = make("importance_sampling", warmup_epochs=1, momentum=0.0, epsilon=0.0)
     assert sel.opts["estimate"] == "once"
     ids = torch.arange(4)
-    sel.on_report(ids, torch.zeros(4), torch.tensor([1.0, 0.8, 0.5, 0.0]), None, Progress(epoch=0))
+    sel.on_report(Report(ids, torch.zeros(4), torch.tensor([1.0, 0.8, 0.5, 0.0]), None, Progress(epoch=0)))
     # w = 1 - p = [0, 0.2, 0.5, 1]: q = w / 1.7.
     expect = [0.0, 0.2 / 1.7, 0.5 / 1.7, 1.0 / 1.7]
     first = sel.select(pool(ids, Progress(epoch=1)), 8, "topk")
     assert first.scores.tolist() == pytest.approx(expect)
-    sel.on_report(ids, torch.zeros(4), torch.tensor([0.0, 0.0, 0.0, 1.0]), None, Progress(epoch=1))
+    sel.on_report(Report(ids, torch.zeros(4), torch.tensor([0.0, 0.0, 0.0, 1.0]), None, Progress(epoch=1)))
     again = sel.select(pool(ids, Progress(epoch=2)), 8, "topk")
     assert again.scores.tolist() == pytest.approx(expect)  # the later report changed nothing
 
@@ -185,8 +185,8 @@ def test_importance_sampling_estimate_averages_the_warmup_epochs():
     # momentum 0.5 over two warm-up epochs: w = [1, 0] then 0.5 w + 0.5 [0, 1] = [0.5, 0.5].
     sel = make("importance_sampling", warmup_epochs=2, momentum=0.5, epsilon=0.0)
     ids = torch.arange(2)
-    sel.on_report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0))
-    sel.on_report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1))
+    sel.on_report(Report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0)))
+    sel.on_report(Report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1)))
     assert sel.select(pool(ids, Progress(epoch=2)), 4, "topk").scores.tolist() == [0.5, 0.5]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from dataselect.errors import InvalidArgument
 from dataselect.plugins import get_selector
-from dataselect.plugins.base import Pool, Progress, RunPlan, SessionContext
+from dataselect.plugins.base import Pool, Progress, Report, RunPlan, SessionContext
 from dataselect.plugins.strategies.mrmc import fit_reduction
 
 
@@ -40,7 +40,7 @@ def test_mrmc_reports_and_selection():
     ids = torch.tensor([10, 11, 12])
     for e in range(3):
         losses = torch.tensor([1.0 * 2.0 ** -(e + 1), 4.0 * 1.1 ** -(e + 1), 1.0])
-        sel.on_report(ids, losses.float(), None, None, Progress(epoch=e))
+        sel.on_report(Report(ids, losses.float(), None, None, Progress(epoch=e)))
     phi = sel.reduction(ids)
     assert phi[0].item() == pytest.approx(1 - 2 ** -3, rel=1e-5)
     assert phi[1].item() == pytest.approx(4 * (1 - 1.1 ** -3), rel=1e-5)
@@ -53,7 +53,7 @@ def test_mrmc_scoring_pass_is_the_last_point():
     # -> w = 2, q = 2, H = 2: φ = 2 (1 - 2^-2) = 1.5. A loss that rose gets 0.
     sel = make("mrmc", warmup_epochs=1, rho=1.0)
     ids = torch.tensor([5, 6])
-    sel.on_report(ids, torch.tensor([1.0, 0.2]), None, None, Progress(epoch=0))
+    sel.on_report(Report(ids, torch.tensor([1.0, 0.2]), None, None, Progress(epoch=0)))
     phi = sel.reduction(ids, torch.tensor([0.5, 0.4]))
     assert phi[0].item() == pytest.approx(1.5, rel=1e-6)
     assert phi[1].item() == 0.0
@@ -66,7 +66,7 @@ def test_mrmc_balance_fills_budget_uniquely():
     n = 40
     ids = torch.arange(n)
     for e in range(2):
-        sel.on_report(ids, torch.rand(n) + 0.1 * (2 - e), None, None, Progress(epoch=e))
+        sel.on_report(Report(ids, torch.rand(n) + 0.1 * (2 - e), None, None, Progress(epoch=e)))
     p = pool(ids, labels=torch.arange(n) % 3, features=torch.randn(n, 5))
     out = sel.select(p, 10, "topk")
     assert out.indices.numel() == 10 and out.indices.unique().numel() == 10
@@ -99,7 +99,7 @@ def test_infobatch_prunes_below_mean_and_rescales():
     n = 100
     ids = torch.arange(n)
     losses = torch.linspace(0, 1, n)
-    sel.on_report(ids, losses, None, None, Progress(epoch=0))
+    sel.on_report(Report(ids, losses, None, None, Progress(epoch=0)))
     out = sel.select(pool(ids, progress=Progress(epoch=1, total_epochs=10)), n, "topk")
     low = losses < losses.mean()
     kept = torch.zeros(n, dtype=torch.bool)
@@ -116,7 +116,7 @@ def test_infobatch_prunes_below_mean_and_rescales():
 
 def test_infobatch_unseen_never_pruned():
     sel = make("infobatch")
-    sel.on_report(torch.arange(10), torch.linspace(0, 1, 10), None, None, Progress())
+    sel.on_report(Report(torch.arange(10), torch.linspace(0, 1, 10), None, None, Progress()))
     out = sel.select(pool(torch.arange(20), progress=Progress(epoch=0, total_epochs=4)), 20, "topk")
     assert set(range(10, 20)) <= set(out.indices.tolist())
 
@@ -125,7 +125,7 @@ def test_importance_sampling_draws_proportionally_after_warmup():
     sel = make("importance_sampling", warmup_epochs=2, momentum=0.0, epsilon=0.1)
     ids = torch.arange(4)
     p_true = torch.tensor([1.0, 0.8, 0.5, 0.0])  # w = 0, .2, .5, 1
-    sel.on_report(ids, -p_true.log(), p_true, None, Progress(epoch=0))
+    sel.on_report(Report(ids, -p_true.log(), p_true, None, Progress(epoch=0)))
     warm = sel.select(pool(ids, progress=Progress(epoch=1)), 4, "topk")
     assert sorted(warm.indices.tolist()) == [0, 1, 2, 3]
     out = sel.select(pool(ids, progress=Progress(epoch=2)), 40000, "topk")
@@ -138,8 +138,8 @@ def test_importance_sampling_draws_proportionally_after_warmup():
 def test_importance_sampling_ema_and_reweight():
     sel = make("importance_sampling", momentum=0.5, epsilon=0.0, reweight=True, warmup_epochs=0)
     ids = torch.arange(2)
-    sel.on_report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0))
-    sel.on_report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1))
+    sel.on_report(Report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0)))
+    sel.on_report(Report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1)))
     q = sel.probabilities(ids)
     assert torch.allclose(q, torch.tensor([0.5, 0.5], dtype=torch.float64))
     out = sel.select(pool(ids, progress=Progress(epoch=2)), 10, "topk")
@@ -238,7 +238,7 @@ def test_every_numeric_option_is_bounded_and_its_bounds_are_usable(name, key, op
 
 def test_mrmc_table_is_bounded_by_the_largest_warmup():
     sel = make("mrmc", warmup_epochs=get_selector("mrmc").options["warmup_epochs"].max)
-    sel.on_report(torch.arange(1000), torch.rand(1000), None, None, Progress(epoch=0))
+    sel.on_report(Report(torch.arange(1000), torch.rand(1000), None, None, Progress(epoch=0)))
     assert sel.table.data["loss"].numel() * 8 <= 1024 * 100 * 8  # rows grow by doubling from 64: 1024 × 100
 
 
@@ -304,7 +304,7 @@ def test_mrmc_fits_training_mode_losses_alone_unless_the_warmup_has_one_epoch():
     for scoring_point, expect in (("auto", 1.5), ("off", 1.5), ("on", 1.75)):
         sel = make("mrmc", warmup_epochs=2, rho=1.0, scoring_point=scoring_point)
         for e, loss in enumerate((1.0, 0.5)):
-            sel.on_report(ids, torch.tensor([loss]), None, None, Progress(epoch=e))
+            sel.on_report(Report(ids, torch.tensor([loss]), None, None, Progress(epoch=e)))
         out = sel.select(pool(ids, loss=torch.tensor([0.25]), features=torch.randn(1, 3)), 1, "topk")
         assert out.scores[0].item() == pytest.approx(expect, rel=1e-6)
 
@@ -314,9 +314,9 @@ def test_mrmc_fits_training_mode_losses_alone_unless_the_warmup_has_one_epoch():
 def test_importance_sampling_running_estimate_keeps_following_reports():
     sel = make("importance_sampling", warmup_epochs=1, momentum=0.0, epsilon=0.0, estimate="running")
     ids = torch.arange(2)
-    sel.on_report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0))
+    sel.on_report(Report(ids, torch.zeros(2), torch.tensor([0.0, 1.0]), None, Progress(epoch=0)))
     sel.select(pool(ids, progress=Progress(epoch=1)), 2, "topk")
-    sel.on_report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1))
+    sel.on_report(Report(ids, torch.zeros(2), torch.tensor([1.0, 0.0]), None, Progress(epoch=1)))
     assert sel.probabilities(ids).tolist() == [0.0, 1.0]
     assert not sel.frozen
 

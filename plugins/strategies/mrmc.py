@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dataselect.errors import InvalidArgument
-from dataselect.plugins.base import Option, Pool, Progress, RunPlan, Selection, Selector
+from dataselect.plugins.base import Option, Pool, Progress, Report, RunPlan, Selection, Selector
 from dataselect.plugins.policies import apply_policy, topk
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
@@ -102,7 +102,8 @@ class MRMCSelector(Selector):
                           needs="it fits each sample's loss curve to its full-data warm-up epochs"
                                 + (", at least 2 with scoring_point=off" if points == 2 else ""))
 
-    def on_report(self, ids, losses, true_class_probs, correct, progress: Progress) -> None:
+    def on_report(self, report: Report) -> None:
+        ids, losses, progress = report.ids, report.losses, report.progress
         if self.first_epoch is None:
             self.first_epoch = progress.epoch
         col = progress.epoch - self.first_epoch

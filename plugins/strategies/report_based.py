@@ -16,7 +16,7 @@ from collections import deque
 
 import torch
 
-from dataselect.plugins.base import Option, Pool, Progress, RunPlan, Selection, Selector
+from dataselect.plugins.base import Option, Pool, Progress, Report, RunPlan, Selection, Selector
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
 
@@ -90,9 +90,10 @@ class ImportanceSamplingSelector(Selector):
         return fit_warmup(cls.name, options, run, minimum=1, integer=True,
                           needs="it estimates each sample's importance from full-data training first")
 
-    def on_report(self, ids, losses, true_class_probs, correct, progress) -> None:
+    def on_report(self, report: Report) -> None:
         if self.frozen:
             return
+        ids, losses, true_class_probs = report.ids, report.losses, report.true_class_probs
         p = true_class_probs if true_class_probs is not None else torch.exp(-losses)
         new = 1.0 - p.double().clamp(0.0, 1.0)
         fresh = torch.tensor([i not in self.seen for i in ids.tolist()], dtype=torch.bool)
@@ -239,9 +240,9 @@ class InfoBatchSelector(Selector):
                 f"{advice} (or raise -o anneal).", stacklevel=2)
         return options
 
-    def on_report(self, ids, losses, true_class_probs, correct, progress) -> None:
-        rows = self.table.rows(ids)  # first: it may grow (replace) the tensors
-        self.table.data["loss"][rows] = losses.double()
+    def on_report(self, report: Report) -> None:
+        rows = self.table.rows(report.ids)  # first: it may grow (replace) the tensors
+        self.table.data["loss"][rows] = report.losses.double()
 
     def pruning(self, progress: Progress) -> bool:
         """True while the epoch of `progress` is one of the pruned ones."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 import dataselect
-from dataselect.plugins.base import Option, Pool, Selector
+from dataselect.plugins.base import Option, Pool, Report, Selector
 
 __version__ = "0.1.0"
 
@@ -69,7 +69,8 @@ class ForgettingSelector(Selector):
         self.ever_correct: set[int] = set()
         self.forgets: dict[int, int] = {}
 
-    def on_report(self, ids, losses, true_class_probs, correct, progress) -> None:
+    def on_report(self, report: Report) -> None:
+        ids, losses, true_class_probs, correct = report.ids, report.losses, report.true_class_probs, report.correct
         if correct is None:
             p = true_class_probs if true_class_probs is not None else torch.exp(-losses)
             correct = p > 0.5

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dataselect.plugins import get_selector, selectors
-from dataselect.plugins.base import Pool, Progress
+from dataselect.plugins.base import Pool, Progress, Report
 from dataselect.testing import check_strategy
 
 
@@ -32,7 +32,7 @@ def test_forgetting_counts_learned_then_forgotten():
     ids = torch.tensor([1, 2, 3])
     zeros = torch.zeros(3)
     for correct in ([True, True, False], [False, True, False], [True, True, False], [False, True, False]):
-        sel.on_report(ids, zeros, None, torch.tensor(correct), Progress())
+        sel.on_report(Report(ids, zeros, None, torch.tensor(correct), Progress()))
     pool = Pool(ids=ids, labels=torch.zeros(3, dtype=torch.long), signals={}, progress=Progress())
     scores = sel.score(pool)
     assert scores[0] >= 2 and scores[0] < 3  # forgotten twice
