@@ -228,7 +228,7 @@ class Session:
         self.remote_options = remote or RemoteOptions()
         self.dataset = dataset
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
-        if self.server and "," in self.server:
+        if self.server:
             from dataselect.client.replicas import parse_servers
 
             parse_servers(self.server)  # a bad entry fails now, not at the first Select

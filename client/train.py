@@ -143,7 +143,7 @@ def validate_config(config: TrainConfig) -> str:
         raise InvalidArgument(f"--num-workers must be >= 0, got {config.num_workers}")
     if config.lr_schedule not in SCHEDULES:
         raise InvalidArgument(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
-    if config.server and "," in config.server:
+    if config.server:
         from dataselect.client.replicas import parse_servers
 
         parse_servers(config.server)  # a bad entry fails before any data is loaded

@@ -140,6 +140,8 @@ def test_a_session_refuses_what_it_cannot_do_with_the_fix_in_the_message():
         dataselect.Session("high_loss", _model(), fraction=0)
     with pytest.raises(InvalidArgument, match="known options"):
         dataselect.Session("high_loss", _model(), options={"beta": 1})
+    with pytest.raises(InvalidArgument, match="has no port: give HOST:PORT"):  # checked at once, not at open
+        dataselect.Session("high_loss", _model(), server="localhost")
     # a module the server has no code for is shipped as an exported program: that needs an example input
     session = dataselect.Session("high_loss", _model(), server="127.0.0.1:1", num_classes=2)
     with pytest.raises(InvalidArgument, match="needs an example input"):
