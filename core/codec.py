@@ -8,6 +8,7 @@ new tensor before changing anything, e.g. when normalising images).
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 
 import torch
@@ -34,9 +35,12 @@ MAX_RANK = 8
 MAX_ELEMENTS = 2**48
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
-# torch.frombuffer warns that protobuf's bytes are read-only; decoded tensors
-# are treated as read-only by design (see the module docstring).
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+#: torch.frombuffer warns (once per process) that protobuf's bytes are read-only; decoded
+#: tensors are read-only by design (see the module docstring), so the first call that can
+#: warn runs with that one warning ignored. Nothing is changed for the rest of the process.
+_READ_ONLY_WARNING = "The given buffer is not writable"
+_read_only_warning_spent = False
+_read_only_warning_lock = threading.Lock()
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("dataselect's wire format is little-endian; this machine is big-endian")
@@ -85,7 +89,27 @@ def decode(msg: pb.Tensor, *, name: str = "tensor") -> torch.Tensor:
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(shape)
+    return _frombuffer(data, dtype).reshape(shape)
+
+
+def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """torch.frombuffer over read-only bytes, without its read-only warning.
+
+    torch gives that warning once per process, so only the first call needs it
+    silenced. `warnings.catch_warnings` swaps the process-wide filter list and is
+    not thread-safe; the lock keeps concurrent first calls from interleaving, and
+    later calls do not touch the filters at all.
+    """
+    global _read_only_warning_spent
+    if not _read_only_warning_spent:
+        with _read_only_warning_lock:
+            if not _read_only_warning_spent:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING, category=UserWarning)
+                    tensor = torch.frombuffer(data, dtype=dtype)
+                _read_only_warning_spent = True
+                return tensor
+    return torch.frombuffer(data, dtype=dtype)
 
 
 def is_set(msg: pb.Tensor) -> bool:

@@ -82,3 +82,39 @@ def test_unsupported_dtype_cannot_be_encoded():
 def test_is_set_distinguishes_unset_fields():
     assert not codec.is_set(pb.SelectRequest().inputs)
     assert codec.is_set(codec.encode(torch.empty(0, dtype=torch.uint8)))
+
+
+_WARNINGS_PROBE = r"""
+import warnings
+
+import torch  # noqa: F401  (torch's own import may add filters; they are not ours)
+from dataselect.v1 import selection_pb2 as pb
+
+before = list(warnings.filters)
+from dataselect import codec
+
+assert warnings.filters == before, "importing dataselect.codec changed warnings.filters"
+warnings.simplefilter("error")  # the read-only-buffer warning, if it escaped, would raise here
+during = list(warnings.filters)
+msg = pb.Tensor.FromString(codec.encode(torch.arange(6, dtype=torch.float32)).SerializeToString())
+for _ in range(2):
+    assert codec.decode(msg).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+assert warnings.filters == during, "decoding changed warnings.filters"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    warnings.warn("The given buffer is not writable (a user's own warning)", UserWarning)
+assert len(caught) == 1, "a user's warning with the same text was swallowed"
+print("ok")
+"""
+
+
+def test_codec_leaves_the_process_warnings_filters_alone():
+    """Importing and using the codec installs no process-wide filter, and torch's read-only-buffer
+    warning still never reaches the user (a fresh process: torch gives it once per process)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WARNINGS_PROBE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    assert "not writable" not in out.stderr
