@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from dataselect.checkpoint import make_checkpoint, to_bytes
 from dataselect.codec import DTYPES
 from dataselect.models import build_model
-from dataselect.server import serve
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
@@ -40,14 +39,12 @@ STATE: dict = {}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server_options(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     os.symlink("loop-b", root / "loop-a")
     os.symlink("loop-a", root / "loop-b")
     os.symlink("/", root / "escape")
-    with serve(port=0, max_message_bytes=1 * 2**20, workers=2, checkpoint_dir=root,
-               session_memory=64 * 2**20) as running:
-        yield running
+    return {"max_message_bytes": 1 * 2**20, "checkpoint_dir": root, "session_memory": 64 * 2**20}
 
 
 @pytest.fixture(scope="module")

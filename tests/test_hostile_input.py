@@ -40,10 +40,8 @@ def ckpt_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt_dir):
-    with serve(port=0, max_message_bytes=LIMIT, workers=2, checkpoint_dir=ckpt_dir,
-               session_memory=64 * 2**20) as running:
-        yield running
+def server_options(ckpt_dir):
+    return {"max_message_bytes": LIMIT, "checkpoint_dir": ckpt_dir, "session_memory": 64 * 2**20}
 
 
 @pytest.fixture(scope="module")

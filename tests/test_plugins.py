@@ -39,7 +39,6 @@ from dataselect.plugins import (
 )
 from dataselect.plugins.base import Pool, Progress, Selection, Selector
 from dataselect.scoring import PoolChunk, ScoringSession
-from dataselect.server import serve
 from dataselect.testing import CHECKS, check_strategy, run_checks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,12 +244,6 @@ def _pool(n: int, seed: int = 1):
 def _spec(strategy: str, model: str = "mlp") -> SessionSpec:
     return SessionSpec(strategy=strategy, options={}, model_name=model, model_kwargs=dict(KWARGS),
                        num_classes=10, seed=3, dataset="test", dataset_size=1000)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with serve(port=0, device="cpu", workers=2) as running:
-        yield running
 
 
 def test_a_plugin_model_is_built_by_the_server(server):

@@ -29,9 +29,8 @@ TIMEOUT = 20
 
 
 @pytest.fixture(scope="module")
-def server():
-    with serve(port=0, device="cpu", max_message_bytes=8 * 2**20, workers=4) as running:
-        yield running
+def server_options():
+    return {"max_message_bytes": 8 * 2**20, "workers": 4}
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import re
-import shutil
+import json
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import grpc
 import pytest
@@ -18,61 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 START_TIMEOUT = 60  # importing torch on a cold, busy CI machine can take a while
 STOP_TIMEOUT = 10
+# The server subprocess fixtures (`server_process`, `server_command`) are in conftest.py.
 
 
-def server_command() -> list[str]:
-    script = shutil.which("dataselect-server", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "dataselect.server.cli"]
-
-
-class ServerProcess:
-    """The server subprocess with its stdout read on a thread, so waiting never blocks on a pipe."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(server_command() + list(args), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_for_address(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
-                continue
-            match = re.match(r"listening on (\S+:\d+)$", line.strip())
-            if match:
-                return match.group(1)
-        pytest.fail("server did not print 'listening on HOST:PORT' in time")
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def started():
-    procs: list[ServerProcess] = []
-
-    def start(*args: str) -> ServerProcess:
-        procs.append(ServerProcess(*args))
-        return procs[-1]
-
-    yield start
-    for p in procs:
-        p.kill()
-
-
-def test_serves_health_and_stops_cleanly_on_sigterm(started):
-    server = started("--device", "cpu", "--port", "0", "--log-level", "info")
+def test_serves_health_and_stops_cleanly_on_sigterm(server_process, server_command):
+    server = server_process("--device", "cpu", "--port", "0", "--log-level", "info")
     address = server.wait_for_address()
     port = int(address.rsplit(":", 1)[1])
     assert port > 0
@@ -83,7 +28,7 @@ def test_serves_health_and_stops_cleanly_on_sigterm(started):
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
     # A second server on the same port is refused with a one-line error naming --port.
-    second = subprocess.run(server_command() + ["--device", "cpu", "--port", str(port)],
+    second = subprocess.run(server_command + ["--device", "cpu", "--port", str(port)],
                             capture_output=True, text=True, timeout=START_TIMEOUT)
     assert second.returncode != 0
     assert "--port" in second.stderr and "Traceback" not in second.stderr
@@ -98,10 +43,36 @@ def test_serves_health_and_stops_cleanly_on_sigterm(started):
     assert "device cpu" in stderr and "high_loss" in stderr  # the start-up log line
 
 
-def test_unknown_device_is_a_one_line_error():
-    result = subprocess.run(server_command() + ["--device", "tpu9", "--port", "0"],
+def test_unknown_device_is_a_one_line_error(server_command):
+    result = subprocess.run(server_command + ["--device", "tpu9", "--port", "0"],
                             capture_output=True, text=True, timeout=START_TIMEOUT)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "tpu9" in lines[0] and "--device" in lines[0]
+
+
+_HEAVY = ("torch", "grpc", "google.protobuf", "numpy")
+_PARSE_ONLY = r"""
+import json, sys
+from dataselect.server.cli import main
+codes = []
+for argv in (["--help"], ["--port", "x"]):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(json.dumps({"codes": codes, "loaded": [m for m in %r if m in sys.modules]}))
+""" % (_HEAVY,)
+
+
+@pytest.mark.xfail(strict=True, reason="dataselect.server's __init__ imports server.app (torch, grpc) eagerly; "
+                                       "it needs lazy exports like the root package's")
+def test_help_and_argument_errors_load_neither_torch_nor_grpc():
+    """`dataselect-server --help` and a bad argument answer from click alone: torch and grpc are imported
+    only when the server starts."""
+    out = subprocess.run([sys.executable, "-c", _PARSE_ONLY], capture_output=True, text=True, timeout=START_TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["codes"] == [0, 2]
+    assert got["loaded"] == []

@@ -36,9 +36,8 @@ LIMIT = 256 * 1024  # the server's message-size limit in these tests
 
 
 @pytest.fixture(scope="module")
-def server():
-    with serve(port=0, device="cpu", max_message_bytes=LIMIT, workers=2) as running:
-        yield running
+def server_options():
+    return {"max_message_bytes": LIMIT}
 
 
 @pytest.fixture(scope="module")
