@@ -38,11 +38,13 @@ always measured on the unchanged test set.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata as md
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -54,6 +56,7 @@ import click
 
 from dataselect.client.costs import time_to_target
 from dataselect.errors import DataselectError, InvalidArgument
+from dataselect.plugins import get_model_builder, get_selector, selectors
 
 FULL = "full"
 """Label of the full-data baseline in paths, tables and plots."""
@@ -517,9 +520,6 @@ def save_figure(fig, path: Path) -> None:
 def path_label(name: str) -> str:
     """`name` as one folder name: `imagefolder:data/pets` -> `imagefolder_data_pets-<hash>` (the hash keeps
     names that differ only in punctuation apart)."""
-    import hashlib
-    import re
-
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "dataset"
     if safe == name:
         return name
@@ -528,8 +528,7 @@ def path_label(name: str) -> str:
 
 def validate_names(config: CompareConfig) -> None:
     """Fail before any run on a misspelt strategy, model or dataset (the error lists the known names)."""
-    from dataselect.datasets import check_dataset_spec
-    from dataselect.plugins import get_model_builder, get_selector
+    from dataselect.datasets import check_dataset_spec  # loads torch: not at import, so --help stays fast
 
     for s in config.strategies:
         get_selector(s)
@@ -787,8 +786,6 @@ def _split(value: str | None) -> list[str]:
 
 
 def _default_strategies() -> list[str]:
-    from dataselect.plugins import selectors
-
     return list(selectors())
 
 

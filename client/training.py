@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from dataselect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from dataselect.client.costs import Costs, time_to_target
@@ -187,8 +188,6 @@ class Progress:
         self.every_seconds = every_seconds
         self.last_time, self.last_share = time.perf_counter(), 0.0
         if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
             self.log = None
 

@@ -26,6 +26,7 @@ from dataselect.server.reflection import enable_reflection
 from dataselect.server.service import SelectionServicer
 from dataselect.server.sessions import DEFAULT_TTL_SECONDS, SessionStore
 from dataselect.v1 import selection_pb2 as pb
+from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dataselect.server")
 
@@ -210,8 +211,6 @@ def serve(
         # Backstop against floods of calls waiting for a thread (health checks included).
         maximum_concurrent_rpcs=2 * (in_flight + SPARE_THREADS),
     )
-    from dataselect.v1 import selection_pb2_grpc as pb_grpc
-
     pb_grpc.add_SelectionServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

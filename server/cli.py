@@ -11,6 +11,7 @@ import threading
 import click
 
 from dataselect.errors import DataselectError
+from dataselect.plugins import selectors
 
 log = logging.getLogger("dataselect.server")
 #: Defaults for --malloc-arena-max and --malloc-mmap-threshold-kb (benchmarks/load_test.py --memory-variants
@@ -97,7 +98,6 @@ def main(host, port, device, max_message_mb, micro_batch, precision, channels_la
 
     tune_malloc(malloc_arena_max, malloc_mmap_threshold_kb * 1024)  # before the RPC threads start allocating
     from dataselect.engine import resolve_device, resolve_precision
-    from dataselect.plugins import selectors
     from dataselect.server.app import AddressInUse, serve
     from dataselect.server.auth import read_tokens
 
