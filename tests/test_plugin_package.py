@@ -24,9 +24,7 @@ import shutil
 import site
 import subprocess
 import sys
-import threading
 import venv
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,35 +86,9 @@ def pip_install(py: Path, *target: str, cwd: Path | None = None) -> None:
              "-q", *target], cwd=cwd)
 
 
-@contextmanager
-def server(py: Path):
-    """`dataselect-server --port 0` from the venv; yields HOST:PORT from its `listening on` line."""
-    proc = subprocess.Popen([str(py), *SERVER, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONNOUSERSITE": "1"})
-    found: list[str] = []
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            m = re.search(r"listening on (\S+)", line)
-            if m and not found:
-                found.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        ready.wait(60)
-        assert found, f"server did not start: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
-        yield found[0]
-        assert proc.poll() is None, "the server died during the test"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_server(server_process, py: Path):
+    """`dataselect-server --port 0` with the venv's interpreter (conftest's `server_process`)."""
+    return server_process("--port", "0", command=[str(py), *SERVER], env={**os.environ, "PYTHONNOUSERSITE": "1"})
 
 
 def train(py: Path, strategy: str, address: str, out: Path) -> dict:
@@ -127,7 +99,7 @@ def train(py: Path, strategy: str, address: str, out: Path) -> dict:
     return summary
 
 
-def test_the_readme_guide_builds_an_installable_plugin(venv_python, tmp_path):
+def test_the_readme_guide_builds_an_installable_plugin(venv_python, tmp_path, server_process):
     files = guide_files()
     assert set(files) == {"dataselect-leastconf/pyproject.toml", "dataselect-leastconf/dataselect_leastconf/__init__.py"}
     for rel, text in files.items():
@@ -161,7 +133,8 @@ def test_the_readme_guide_builds_an_installable_plugin(venv_python, tmp_path):
     assert commands[5].startswith("dataselect-server --port")
     assert commands[6].startswith("dataselect-train --strategy least_confidence --dataset synthetic --train-subset 300")
     assert commands[7].startswith("dataselect compare --strategies least_confidence,high_loss")
-    with server(venv_python) as address:
+    with start_server(server_process, venv_python) as process:
+        address = process.wait_for_address()
         summary = train(venv_python, "least_confidence", address, tmp_path / "run")
         assert summary["strategy"] == "least_confidence" and summary["scorer"] == "remote"
         assert summary["samples_trained"] > 0 and summary["samples_scored"] > 0
@@ -169,11 +142,12 @@ def test_the_readme_guide_builds_an_installable_plugin(venv_python, tmp_path):
         compare_args[compare_args.index("--server") + 1] = address
         compare_args[compare_args.index("--output") + 1] = str(tmp_path / "compare")
         run(venv_python, [*DATASELECT, *compare_args])
+        assert process.proc.poll() is None, "the server died during the test"
     results = (tmp_path / "compare" / "results.csv").read_text()
     assert "least_confidence" in results and "high_loss" in results
 
 
-def test_example_el2n_package_installs_conforms_and_trains(venv_python, tmp_path):
+def test_example_el2n_package_installs_conforms_and_trains(venv_python, tmp_path, server_process):
     pkg = tmp_path / "dataselect-el2n"
     shutil.copytree(EXAMPLE, pkg, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
     pip_install(venv_python, str(pkg))
@@ -186,8 +160,10 @@ def test_example_el2n_package_installs_conforms_and_trains(venv_python, tmp_path
 
     rows = {r["name"]: r for r in json.loads(run(venv_python, [*DATASELECT, "strategies", "--json"]).stdout)}
     assert rows["el2n"]["distribution"] == "dataselect-el2n" and rows["forgetting"]["uses_reports"] is True
-    with server(venv_python) as address:
+    with start_server(server_process, venv_python) as process:
+        address = process.wait_for_address()
         for strategy in ("el2n", "forgetting"):
             summary = train(venv_python, strategy, address, tmp_path / strategy)
             assert summary["strategy"] == strategy and summary["scorer"] == "remote"
             assert summary["samples_trained"] > 0
+        assert process.proc.poll() is None, "the server died during the test"
