@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -192,3 +192,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
             continue
         return model
+
+
+def average_diagnostics(parts: Iterable[dict[str, Any] | None], *, keep_other: bool = False) -> dict[str, Any]:
+    """Diagnostics of several Selects (or replicas) as one dict: each numeric figure averaged over the
+    dicts that have it (bools are not numbers). Other values are dropped, or with `keep_other` taken
+    from the first dict that has them; a name that is a number anywhere is averaged."""
+    merged: dict[str, Any] = {}
+    numbers: dict[str, list[float]] = {}
+    for part in parts:
+        for key, value in (part or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers.setdefault(key, []).append(float(value))
+            elif keep_other:
+                merged.setdefault(key, value)
+    merged.update({key: sum(v) / len(v) for key, v in numbers.items()})
+    return merged

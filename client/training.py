@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dataselect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from dataselect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, write_atomic
+from dataselect.client.scorer import average_diagnostics
 from dataselect.client.costs import Costs, time_to_target
 from dataselect.engine import synchronize
 from dataselect.errors import InvalidArgument
@@ -236,19 +236,13 @@ def read_resume_point(output: str | Path) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a crash never leaves a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def mean_figures(items: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean of each numeric figure over a list of diagnostics dicts."""
-    sums: dict[str, list[float]] = {}
-    for item in items:
-        for key, value in item.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                sums.setdefault(key, []).append(float(value))
-    return {key: sum(v) / len(v) for key, v in sums.items()}
+    """Mean of each numeric figure over a list of diagnostics dicts (other values are dropped)."""
+    return average_diagnostics(items)
 
 
 def costs_dict(costs: Costs) -> dict[str, Any]:

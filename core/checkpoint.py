@@ -9,10 +9,11 @@ Layout (loadable with `torch.load(..., weights_only=True)`):
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -103,13 +104,25 @@ def from_bytes(data: bytes) -> Any:
         raise InvalidArgument(f"checkpoint could not be read (truncated or not a torch.save file): {type(exc).__name__}: {exc}") from None
 
 
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` writes the whole file to `tmp`, a sibling of `path`, which then replaces `path` in one
+    step: a crash mid-write leaves the old file (or none), never a truncated one. On failure the
+    sibling is removed and the error raised."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def load_checkpoint(path_or_bytes: str | Path | bytes) -> dict[str, Any]:
