@@ -114,3 +114,15 @@ def median(values: list[float]) -> float:
 def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cores} CPU cores available, torch threads 1 per process"
+
+
+def mean_std(values: list[float], digits: int = 2, suffix: str = "") -> str:
+    """"mean ± std" (sample std) of `values` for a table; the value alone when there is one; a dash when none."""
+    import statistics
+
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{suffix}"
+    return f"{mean:.{digits}f}{suffix} ± {statistics.stdev(values):.{digits}f}"

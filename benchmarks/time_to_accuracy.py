@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import machine, run_trainer, scoring_server  # noqa: E402
+from _harness import machine, mean_std, run_trainer, scoring_server  # noqa: E402
 
 DEFAULT_STRATEGIES = "random,high_loss,selective_backprop,infobatch,high_gradient"
 
@@ -129,18 +128,8 @@ def main() -> None:
             samples.append(s["samples_to_target"])
             if full:
                 ratios.append(t / full)
-        print(f"| {name} | {transport if name != 'full' else '-'} | {len(times)}/{len(seeds)} | {_pm(times)} | "
-              f"{_pm(ratios, 'x')} | {_pm(totals)} | {_pm(samples, '', 0)} | {_pm(finals, '', 4)} |")
-
-
-def _pm(values: list[float], suffix: str = "", digits: int = 2) -> str:
-    """mean ± std (sample std; a single value alone), or a dash."""
-    if not values:
-        return "—"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}{suffix}"
-    return f"{mean:.{digits}f}{suffix} ± {statistics.stdev(values):.{digits}f}"
+        print(f"| {name} | {transport if name != 'full' else '-'} | {len(times)}/{len(seeds)} | {mean_std(times)} | "
+              f"{mean_std(ratios, 2, 'x')} | {mean_std(totals)} | {mean_std(samples, 0)} | {mean_std(finals, 4)} |")
 
 
 def _file_name(name: str, transport: str, seed: int) -> str:

@@ -83,6 +83,11 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--overlap/--no-overlap", default=None, show_default="on with --server, off in-process",
               help="Score the next pool while training on this one (scoring leaves the critical path); "
                    "checkpoint pushes and reports also run in the background.")
+@click.option("--ramp-steps", type=click.IntRange(min=0), default=None, metavar="N",
+              show_default="100 with overlap, 0 without",
+              help="With overlap, online mode: the share kept from each pool falls from all of it to "
+                   "--select-fraction over the first N steps, so scores one step stale cannot collapse "
+                   "training early on (0: select at the full fraction from the first step).")
 @click.option("--checkpoint-dtype", type=click.Choice(CHECKPOINT_DTYPE_NAMES), default="float32",
               help="With --server: dtype the weights travel in; float16/bfloat16 halve the bytes per push "
                    "(the server scores with them converted back to float32).")
@@ -153,7 +158,7 @@ def train_command(**kw) -> None:
         init_from=kw["init_from"], progress=not kw["quiet"],
         budget_seconds=kw["budget_seconds"], budget_samples=kw["budget_samples"],
         token_file=kw["token_file"], tls_ca=kw["tls_ca"], on_server_failure=kw["on_server_failure"],
-        retry_seconds=kw["retry_seconds"], overlap=kw["overlap"], checkpoint_dtype=kw["checkpoint_dtype"],
+        retry_seconds=kw["retry_seconds"], overlap=kw["overlap"], ramp_steps=kw["ramp_steps"], checkpoint_dtype=kw["checkpoint_dtype"],
         checkpoint_delta=kw["checkpoint_delta"], eval_every=kw["eval_every"], target_accuracy=kw["target_accuracy"],
         score_input_scale=kw["score_input_scale"], score_precision=kw["score_precision"],
         score_compile=kw["score_compile"], lr_schedule=kw["lr_schedule"], augment=kw["augment"],

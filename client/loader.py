@@ -364,9 +364,21 @@ class SelectionLoader:
             t0 = time.perf_counter()
 
     def pool_parts(self, order: torch.Tensor) -> list[torch.Tensor]:
-        """An online epoch's candidate pools: `order` cut into pieces of `pool_size`."""
-        size = self.pool_size
-        return [order[i:i + size] for i in range(0, len(order), size)]
+        """An online epoch's candidate pools: `order` cut into pieces of `pool_size`, each one step's
+        batch. During the session's ramp (overlap) pool k is planned for step `steps + k` and holds
+        ceil(batch / fraction at that step) candidates, so the pools grow from one batch to `pool_size`
+        while the budget stays one batch (`pool_fractions` holds each pool's fraction)."""
+        s = self.session
+        parts: list[torch.Tensor] = []
+        self.pool_fractions: list[float] = []
+        start, step = 0, s.steps
+        while start < len(order):
+            f = s.fraction_at(step)
+            size = math.ceil(self.global_batch / f - 1e-9)
+            parts.append(order[start:start + size])
+            self.pool_fractions.append(f)
+            start, step = start + size, step + 1
+        return parts
 
     def _online_epoch(self) -> Iterator[Batch]:
         s = self.session
@@ -381,6 +393,7 @@ class SelectionLoader:
                 yield from self._emit(pos, x, y, ids, None, i * bs / n)
             order = order[head:]
         pools = self.pool_parts(order)
+        fractions = self.pool_fractions
         n_pools = len(pools)
         source = self.data.batches(pools, inputs=s.needs_inputs, generator=self.augment_generator)
         buffer = _Accumulator()
@@ -392,8 +405,9 @@ class SelectionLoader:
             t0 = time.perf_counter()
             pos, x, y, ids = next(source)
             s.costs.data_seconds += time.perf_counter() - t0
-            budget = s.budget_for(len(pos))
-            return (pos, x, y, ids), s.request(ids, x, y, budget, s.progress(self.epoch, i / n_pools))
+            budget = s.budget_for(len(pos), fractions[i])
+            return (pos, x, y, ids), s.request(ids, x, y, budget, s.progress(self.epoch, i / n_pools),
+                                               keep=fractions[i])
 
         try:
             for i in range(n_pools):

@@ -56,6 +56,8 @@ from dataselect.plugins.policies import POLICIES
 
 #: Overlap never asks for more than this many pools ahead.
 MAX_POOLS_AHEAD = 8
+#: Steps over which an overlapped online run's kept share falls from 1 to its fraction (`ramp_steps`).
+DEFAULT_RAMP_STEPS = 100
 
 
 @dataclass
@@ -125,6 +127,8 @@ class Pending:
 
     ids: torch.Tensor
     budget: int
+    #: The share of the pool to keep at least (the ramp's, for self-sized strategies); 0: no floor.
+    keep: float = 0.0
     reply: ScoreReply | None = None
     future: Any = None
     seconds: float = 0.0
@@ -174,6 +178,10 @@ class Session:
         server: "HOST:PORT" of a dataselect-server ("h1:p,h2:p" for replicas); None scores in-process.
         sync_every: push the model to the scorer every this many steps (online mode).
         overlap: score the next pool while you train on this one; None = on with a server.
+        ramp_steps: with overlap, the share kept from each online pool falls linearly from 1 to
+            `fraction` over the first this many optimiser steps, so the one-step-stale scores never
+            pick a few hard samples while the model still changes fast (see the README's overlap
+            section); None = `DEFAULT_RAMP_STEPS` with overlap, 0 without.
         seed: seeds the shuffles and the strategy's randomness.
         device: where in-process scoring runs; None = the model's device.
         last_layer: name of the final nn.Linear (`model.named_modules()`), for last-layer signals;
@@ -188,7 +196,8 @@ class Session:
     def __init__(self, strategy: str = "high_loss", model: nn.Module | None = None, *, fraction: float = 0.5,
                  options: dict[str, Any] | None = None, policy: str = "", mode: str = "", epochs: int = 1,
                  num_classes: int | None = None, server: str | None = None, sync_every: int = 1,
-                 overlap: bool | None = None, seed: int = 0, device: str | torch.device | None = None,
+                 overlap: bool | None = None, ramp_steps: int | None = None, seed: int = 0,
+                 device: str | torch.device | None = None,
                  last_layer: str | None = None, remote_model: tuple[str, dict] | None = None,
                  input_scale: float = 1.0, engine: EngineOptions | None = None, remote: RemoteOptions | None = None,
                  dataset: str = "", warn: Callable[[str], None] | None = None):
@@ -219,6 +228,12 @@ class Session:
         self.server = server or None
         self.sync_every = sync_every
         self.overlap_requested = overlap
+        if ramp_steps is not None and (not isinstance(ramp_steps, int) or isinstance(ramp_steps, bool)
+                                       or ramp_steps < 0):
+            raise InvalidArgument(f"ramp_steps must be an integer >= 0 (or None for the default), got {ramp_steps!r}")
+        self.ramp_requested = ramp_steps
+        #: Steps over which the kept share of online pools falls from 1 to `fraction` (set at open).
+        self.ramp_steps = 0
         self.seed = int(seed)
         self.device = None if device is None else torch.device(device)
         self.last_layer = last_layer
@@ -248,7 +263,8 @@ class Session:
         self.staleness_max = 0
         self.staleness_sum = 0
         self.staleness_count = 0
-        #: Budgets of the Selects finished and the samples they kept (overlap sizes its look-ahead from them).
+        #: Samples the finished Selects were meant to give (their budgets; for self-sized strategies the
+        #: fraction of the pool) and the samples they kept: overlap sizes its look-ahead from them.
         self.budget_selected = 0
         self.kept_selected = 0
         #: Diagnostics of the Selects since `take_diagnostics`, and the latest.
@@ -328,6 +344,8 @@ class Session:
         self.remote = bool(self.server)
         if self.overlap_requested if self.overlap_requested is not None else self.remote:
             self.pipeline = ScorerPipeline()
+        default_ramp = DEFAULT_RAMP_STEPS if self.pipeline is not None else 0
+        self.ramp_steps = default_ramp if self.ramp_requested is None else self.ramp_requested
         info = self.scorer.info
         if info.proxy_width_ratio:
             from dataselect.proxy import build_proxy
@@ -426,11 +444,22 @@ class Session:
     def static(self) -> bool:
         return bool(getattr(self.cls, "static", False))
 
-    def budget_for(self, pool_size: int) -> int:
-        """The budget of a pool: the whole pool for self-sized strategies, else round(pool × fraction), at least 1."""
+    def budget_for(self, pool_size: int, fraction: float | None = None) -> int:
+        """The budget of a pool: the whole pool for self-sized strategies, else round(pool × fraction),
+        at least 1; `fraction` defaults to the current one (`fraction` once any ramp is over)."""
         if self.cls.self_sized:
             return max(1, pool_size)
-        return max(1, round(pool_size * self.fraction))
+        return max(1, round(pool_size * (self.current_fraction() if fraction is None else fraction)))
+
+    def fraction_at(self, step: int) -> float:
+        """The share of an online pool kept at optimiser step `step`: `fraction`, or during the first
+        `ramp_steps` steps a share falling linearly from 1 to it."""
+        if self.mode != "online" or step >= self.ramp_steps:
+            return self.fraction
+        return self.fraction + (1.0 - self.fraction) * (1.0 - step / self.ramp_steps)
+
+    def current_fraction(self) -> float:
+        return self.fraction_at(self.steps)
 
     def progress(self, epoch: int, within: float) -> Progress:
         """Progress at 1-based `epoch`, `within` of it done (the strategies see 0-based epochs)."""
@@ -482,12 +511,13 @@ class Session:
             self.push()
 
     def request(self, ids: torch.Tensor, inputs: torch.Tensor | None, targets: torch.Tensor, budget: int,
-                progress: Progress, *, fresh_model: bool = False) -> Pending:
+                progress: Progress, *, fresh_model: bool = False, keep: float | None = None) -> Pending:
         """Ask for a Select of the pool (`inputs` may be None for strategies that need no forward pass).
 
         `fresh_model`: push the current weights first unless the scorer has them (whole-set
         selections); otherwise only the first Select pushes, and `step` pushes every
-        `sync_every` steps. With overlap the call is queued and this returns at once.
+        `sync_every` steps. With overlap the call is queued and this returns at once. `keep`: during
+        the ramp, the share a self-sized strategy's selection is topped up to (default: the current one).
         """
         if self.scorer is None:
             self.open(example=inputs)
@@ -495,12 +525,14 @@ class Session:
             self.push()
         send = inputs if self.needs_inputs else None
         ids, targets = ids.long(), targets.long()
+        keep = self.current_fraction() if keep is None else keep
+        keep = keep if self.cls.self_sized and keep > self.fraction else 0.0
         if self.pipeline is not None:
             future = self.pipeline.submit("select", self.scorer.select, ids, send, targets, budget, progress)
-            return Pending(ids, budget, future=future)
+            return Pending(ids, budget, keep, future=future)
         t0 = time.perf_counter()
         reply = self.scorer.select(ids, send, targets, budget, progress)
-        return Pending(ids, budget, reply=reply, seconds=time.perf_counter() - t0)
+        return Pending(ids, budget, keep, reply=reply, seconds=time.perf_counter() - t0)
 
     def wait(self, pending: Pending) -> Chosen:
         """The selection of a requested pool (waits for it); its cost is accounted."""
@@ -524,13 +556,35 @@ class Session:
             self.staleness_sum += stale
             self.staleness_count += 1
         chosen = reply.selected_ids.long()
-        self.budget_selected += pending.budget
-        self.kept_selected += int(chosen.numel())
         weights = reply.weights
         if weights is not None and weights.numel() != chosen.numel():
             raise PluginError(f"strategy {self.strategy!r} returned {weights.numel()} weights for "
                               f"{chosen.numel()} selected samples")
-        return Chosen(rows=rows_of(pending.ids, chosen), ids=chosen, weights=weights)
+        rows = rows_of(pending.ids, chosen)
+        if pending.keep:
+            rows, chosen, weights = self._top_up(pending.ids, rows, weights, pending.keep)
+        # What the pool was meant to give (one batch for a loader's pool) against what it gave.
+        n = int(pending.ids.numel())
+        self.budget_selected += round(n * max(pending.keep, self.fraction)) if self.cls.self_sized else pending.budget
+        self.kept_selected += int(chosen.numel())
+        return Chosen(rows=rows, ids=chosen, weights=weights)
+
+    def _top_up(self, pool_ids: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None, keep: float):
+        """During the ramp, a self-sized strategy's selection (Selective Backprop's) is topped up with a
+        uniform draw from the rest of the pool to the ramp's share `keep`, as budgets are for the others."""
+        n = int(pool_ids.numel())
+        want = round(n * keep) - int(rows.numel())
+        if want <= 0:
+            return rows, pool_ids[rows], weights
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[rows] = False
+        others = torch.nonzero(rest, as_tuple=True)[0]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
+        extra = others[torch.randperm(others.numel(), generator=g)[:want]]
+        rows = torch.cat([rows, extra])
+        if weights is not None:
+            weights = torch.cat([weights, torch.ones(extra.numel(), dtype=weights.dtype)])
+        return rows, pool_ids[rows], weights
 
     def select_chunks(self, chunks: Iterable[Any], budget: int, progress: Progress) -> Chosen:
         """One Select over a pool that arrives in pieces (`dataselect.scoring.PoolChunk`s: a data set

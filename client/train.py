@@ -102,6 +102,9 @@ class TrainConfig:
     #: Overlapped scoring: request pool t+1's selection before training step t, and push
     #: checkpoints in the background. None = on with a remote server, off embedded.
     overlap: bool | None = None
+    #: With overlap, online mode: steps over which the kept share falls from 1 to select_fraction
+    #: (None = the session's default: 100 with overlap, 0 without).
+    ramp_steps: int | None = None
     #: Remote scoring: dtype floating weights travel in (float32, float16, bfloat16).
     checkpoint_dtype: str = "float32"
     #: Remote scoring: push only the tensors that changed since the previous push.
@@ -233,6 +236,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
     session = Session(
         config.strategy, model, fraction=config.select_fraction, options=config.options, policy=config.policy,
         mode=mode, epochs=config.epochs, server=config.server, sync_every=config.sync_every, overlap=config.overlap,
+        ramp_steps=config.ramp_steps,
         seed=config.seed, device=device, input_scale=config.score_input_scale, dataset=data.info.name,
         engine=EngineOptions(micro_batch=config.micro_batch, precision=config.score_precision,
                              compile=config.score_compile),

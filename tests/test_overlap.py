@@ -88,7 +88,7 @@ def test_hidden_fraction_is_all_when_the_trainer_never_waits():
 @pytest.fixture(scope="module")
 def inline_and_overlapped():
     inline = train(_config(overlap=False))
-    overlapped = train(_config(overlap=True))
+    overlapped = train(_config(overlap=True, ramp_steps=0))  # the pipeline alone, no ramp
     return inline, overlapped
 
 
@@ -99,7 +99,7 @@ def test_overlapped_training_trains_as_much_with_a_model_one_step_stale(inline_a
     # Pool t+1 is scored before step t trains: exactly one step stale, after the first pool.
     assert over["staleness_max_steps"] == 1
     assert 0.5 < over["staleness_mean_steps"] <= 1.0
-    multi = train(_config(overlap=True, epochs=2))  # short last pools must not deepen the look-ahead
+    multi = train(_config(overlap=True, epochs=2, ramp_steps=0))  # short last pools must not deepen the look-ahead
     assert multi["staleness_max_steps"] == 1
     assert over["samples_trained"] == inline["samples_trained"]
     assert over["samples_scored"] == inline["samples_scored"]
@@ -113,7 +113,7 @@ def test_overlapped_training_trains_as_much_with_a_model_one_step_stale(inline_a
 def test_with_model_free_selections_overlap_changes_nothing_but_the_timing():
     # random never looks at the model, so staleness cannot matter: identical runs.
     inline = train(_config(strategy="random", overlap=False))
-    over = train(_config(strategy="random", overlap=True))
+    over = train(_config(strategy="random", overlap=True, ramp_steps=0))
     assert over["selection_sha256"] == inline["selection_sha256"]
     assert over["test_accuracy"] == pytest.approx(inline["test_accuracy"])
     assert over["test_accuracy"] > 0.5  # chance is 0.1
@@ -121,8 +121,10 @@ def test_with_model_free_selections_overlap_changes_nothing_but_the_timing():
 
 def test_overlapped_selections_are_deterministic(inline_and_overlapped):
     _, over = inline_and_overlapped
-    again = train(_config(overlap=True))
+    again = train(_config(overlap=True, ramp_steps=0))
     assert again["selection_sha256"] == over["selection_sha256"]
+    ramped = train(_config(overlap=True))
+    assert train(_config(overlap=True))["selection_sha256"] == ramped["selection_sha256"]
 
 
 def test_staleness_is_bounded_by_sync_every():
@@ -156,17 +158,62 @@ def test_remote_runs_overlap_by_default(server):
     assert 1 <= summary["staleness_max_steps"] <= 2
     off = train(_config(server=server.address, sync_every=2, overlap=False))
     assert off["overlap"] is False and off["staleness_max_steps"] <= 1
-    assert off["samples_trained"] == summary["samples_trained"]
-    # Model-free selections are the same remote-overlapped as embedded-inline.
+    assert off["samples_scored"] == summary["samples_scored"]
+    assert off["samples_trained"] < summary["samples_trained"]  # the ramp's first pools keep more
+    # Model-free selections are the same remote as embedded, both overlapped (ramp included).
     remote_random = train(_config(server=server.address, strategy="random"))
-    embedded_random = train(_config(strategy="random"))
-    assert remote_random["overlap"] is True and embedded_random["overlap"] is False
+    embedded_random = train(_config(strategy="random", overlap=True))
+    assert remote_random["overlap"] is True and embedded_random["overlap"] is True
     assert remote_random["selection_sha256"] == embedded_random["selection_sha256"]
 
 
 def test_bad_checkpoint_dtype_is_refused_before_any_work():
     with pytest.raises(InvalidArgument, match="--checkpoint-dtype"):
         train(_config(checkpoint_dtype="int8"))
+
+
+# -- the ramp ------------------------------------------------------------------------------
+def test_the_ramp_grows_the_pools_to_full_size_and_keeps_one_step_staleness():
+    """With overlap the first pools are small (one batch, all kept) and grow to batch / fraction over
+    `ramp_steps` steps; each pool still fills one step, so staleness stays one step."""
+    inline = train(_config(overlap=False))
+    ramped = train(_config(overlap=True, ramp_steps=20))
+    assert ramped["staleness_max_steps"] == 1
+    assert ramped["samples_scored"] == inline["samples_scored"] == 1200
+    # step k keeps a share 1 - 0.5 k / 20 of a pool of 64 / that share: one batch of 64 per step, so
+    # more steps than inline's 1200 / 128 pools
+    assert ramped["steps"] > inline["steps"] == 10
+    assert ramped["samples_trained"] == pytest.approx(64 * ramped["steps"], abs=64)
+
+
+def test_a_session_ramps_only_overlapped_online_selection():
+    from dataselect import Session
+
+    model = torch.nn.Linear(4, 3)
+    s = Session("high_loss", model, fraction=0.25, overlap=True, ramp_steps=10, num_classes=3)
+    s.open(dataset_size=100, batch_size=8)
+    assert [round(s.fraction_at(k), 3) for k in (0, 5, 10, 50)] == [1.0, 0.625, 0.25, 0.25]
+    assert s.budget_for(40) == 40  # step 0: the whole pool
+    s.close()
+    inline = Session("high_loss", model, fraction=0.25, num_classes=3)
+    inline.open(dataset_size=100, batch_size=8)
+    assert inline.ramp_steps == 0 and inline.budget_for(40) == 10
+    inline.close()
+    subset = Session("dynams", model, fraction=0.25, overlap=True, num_classes=3)
+    assert subset.fraction_at(0) == 0.25  # whole-set selections are never ramped
+    with pytest.raises(InvalidArgument, match="ramp_steps"):
+        Session("high_loss", model, ramp_steps=-1)
+
+
+def test_a_self_sized_strategy_is_topped_up_during_the_ramp():
+    """Selective Backprop keeps about a quarter (beta 3); during the ramp its selection is topped up
+    uniformly to the ramp's share, so the first overlapped pools are not its few hardest samples."""
+    s = train(_config(strategy="selective_backprop", overlap=True, ramp_steps=1000,
+                      options={"warmup_epochs": 0}))
+    bare = train(_config(strategy="selective_backprop", overlap=True, ramp_steps=0, options={"warmup_epochs": 0}))
+    assert s["samples_trained"] > 0.9 * 1200  # pools of about one batch, nearly all kept
+    assert bare["samples_trained"] < 0.5 * 1200
+    assert 1 <= s["staleness_max_steps"] <= 2
 
 
 # -- lean checkpoint pushes ---------------------------------------------------------------
