@@ -59,7 +59,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dataselect.client.scorer import EmbeddedScorer, ScoreReply, ScorerCounters, SessionInfo, SessionSpec
+from dataselect.client.scorer import (
+    EmbeddedScorer,
+    ScoreReply,
+    ScorerCounters,
+    SessionInfo,
+    SessionSpec,
+    average_diagnostics,
+)
 from dataselect.errors import DataselectError, InvalidArgument, PluginError
 from dataselect.plugins.base import Progress
 
@@ -541,7 +548,7 @@ class ReplicatedScorer:
                 scores[pos] = r.scores.float()
         samples = sum(int(r.samples_scored) for _, r in done)
         version = min(int(r.checkpoint_version) for _, r in done)
-        diagnostics = _merge_diagnostics([r.diagnostics for _, r in done])
+        diagnostics = average_diagnostics([r.diagnostics for _, r in done], keep_other=True)
         if self.merge == "exact":
             if scores is None or bool(torch.isnan(scores).any()):
                 raise PluginError(f"strategy {self.spec.strategy!r}: a replica returned no scores, so the budget "
@@ -560,20 +567,6 @@ class ReplicatedScorer:
         return ScoreReply(selected_ids=selected, weights=weights, scores=scores if return_scores else None,
                           checkpoint_version=version, server_compute_seconds=0.0, samples_scored=samples,
                           diagnostics=diagnostics)
-
-
-def _merge_diagnostics(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The replicas' per-Select figures: numbers averaged over the replicas that gave them, anything else the first."""
-    merged: dict[str, Any] = {}
-    numbers: dict[str, list[float]] = {}
-    for part in parts:
-        for key, value in (part or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                numbers.setdefault(key, []).append(float(value))
-            else:
-                merged.setdefault(key, value)
-    merged.update({key: sum(v) / len(v) for key, v in numbers.items()})
-    return merged
 
 
 def open_replicated(config: Any, spec: SessionSpec, device: torch.device | str) -> ReplicatedScorer:

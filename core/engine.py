@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataselect.errors import Cancelled, InvalidArgument
-from dataselect.names import FORWARD_SIGNALS, GRAD_SIGNALS, PER_SAMPLE_GRAD_SIGNALS, PRECISIONS
+from dataselect.names import FORWARD_SIGNALS, GRAD_SIGNALS, PER_SAMPLE_GRAD_SIGNALS, PRECISIONS, parse_bool
 from dataselect.models import ScoringModel, to_unit_float
 
 
@@ -96,10 +96,9 @@ def resolve_channels_last(spec: str | bool | None, device: torch.device | str) -
     spec = "auto" if spec is None else str(spec).strip().lower()
     if spec == "auto":
         return torch.device(device).type in ("cuda", "cpu")
-    if spec in ("on", "true", "1", "yes"):
-        return True
-    if spec in ("off", "false", "0", "no"):
-        return False
+    value = parse_bool(spec)
+    if value is not None:
+        return value
     raise InvalidArgument(f"channels_last must be auto, on or off, got {spec!r}")
 
 

@@ -32,3 +32,17 @@ CHECKPOINT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ON_SERVER_FAILURE = ("retry", "fallback")
 #: Learning-rate schedules of `dataselect-train` (`--lr-schedule`).
 SCHEDULES = ("constant", "cosine", "onecycle")
+
+#: Words a boolean option or flag may be written as (any case, surrounding spaces ignored).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_bool(text: object) -> bool | None:
+    """True for 1/true/yes/on, False for 0/false/no/off (a bool is itself), None for anything else."""
+    if isinstance(text, bool):
+        return text
+    if not isinstance(text, str):
+        return None
+    t = text.strip().lower()
+    return True if t in TRUE_WORDS else False if t in FALSE_WORDS else None

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from dataselect.errors import InvalidArgument
-from dataselect.names import MODES, SIGNALS
+from dataselect.names import MODES, SIGNALS, parse_bool
 
 #: Training modes and signal names live in `dataselect.names` (one spelling for CLIs, engine and plugins).
 __all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Selector"]
@@ -38,13 +38,8 @@ class Option:
         kind = self.type.__name__
         try:
             if self.type is bool:
-                if isinstance(value, bool):
-                    parsed = value
-                elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-                    parsed = True
-                elif isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-                    parsed = False
-                else:
+                parsed = parse_bool(value)
+                if parsed is None:
                     raise ValueError
             elif self.type is int:
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

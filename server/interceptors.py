@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from dataselect.errors import DataselectError, InvalidArgument, ResourceExhausted
-from dataselect.server.status import ShuttingDown, StreamStalled, clip, status_for
+from dataselect.status import ShuttingDown, StreamStalled, clip, status_for
 
 log = logging.getLogger("dataselect.server")
 

@@ -19,7 +19,6 @@ from dataselect.client.train import TrainConfig, train
 from dataselect.errors import InvalidArgument
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_server_cli import started  # noqa: E402,F401  (fixture)
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 BIN = os.path.dirname(sys.executable)
@@ -123,9 +122,9 @@ ACCURACY_BAND = 0.03
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATASETS / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
                     reason=f"real MNIST not present at {SHARED_DATASETS} (../shared/datasets from the repo root)")
-def test_torchrun_two_ranks_two_replicas_mnist_one_replica_killed(tmp_path, started, monkeypatch):
+def test_torchrun_two_ranks_two_replicas_mnist_one_replica_killed(tmp_path, server_process, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    servers = [started("--device", "cpu", "--port", "0") for _ in range(2)]
+    servers = [server_process("--device", "cpu", "--port", "0") for _ in range(2)]
     addresses = [s.wait_for_address() for s in servers]
     common = ["--strategy", "high_loss", "--dataset", "mnist", "--data-dir", str(SHARED_DATASETS),
               "--train-subset", "4000", "--test-subset", "2000", "--device", "cpu", "--threads", "1",
@@ -138,7 +137,8 @@ def test_torchrun_two_ranks_two_replicas_mnist_one_replica_killed(tmp_path, star
 
     out = tmp_path / "ddp"
     proc = subprocess.Popen([*torchrun(), "--standalone", "--nproc-per-node", "2", "--no-python", train_script(),
-                             *common, "--batch-size", "32", "--server", ",".join(addresses), "--output", str(out)],
+                             *common, "--batch-size", "32", "--server", ",".join(addresses), "--output", str(out),
+                             "--ramp-steps", "0"],  # the budget compared with the unramped single run
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(**{distributed.RECORD_ENV: "1"}))
     try:

@@ -20,7 +20,7 @@ from dataselect.plugins import register_plugin, unregister_plugin
 from dataselect.plugins.base import Selector
 from dataselect.plugins.hookspecs import hookimpl
 from dataselect.server import serve
-from dataselect.server.status import MAX_DETAILS_BYTES
+from dataselect.status import MAX_DETAILS_BYTES
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 

@@ -21,7 +21,7 @@ from dataselect.plugins.base import Progress
 from pools import random_pool
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_server_cli import STOP_TIMEOUT, ServerProcess  # noqa: E402
+from conftest import SERVER_STOP_TIMEOUT as STOP_TIMEOUT, ServerProcess  # noqa: E402
 
 KWARGS = dict(num_classes=10, in_channels=1, image_size=8)
 SPEC = SessionSpec("high_loss", {}, "mlp", dict(KWARGS), num_classes=10, seed=3)
@@ -32,13 +32,7 @@ def servers():
     procs: list[ServerProcess] = []
 
     def start(*args: str, env: dict | None = None) -> ServerProcess:
-        old = dict(os.environ)
-        os.environ.update(env or {})
-        try:
-            procs.append(ServerProcess("--device", "cpu", *args))
-        finally:
-            os.environ.clear()
-            os.environ.update(old)
+        procs.append(ServerProcess(("--device", "cpu", *args), env={**os.environ, **(env or {})}))
         return procs[-1]
 
     yield start

@@ -66,8 +66,6 @@ print(json.dumps({"codes": codes, "loaded": [m for m in %r if m in sys.modules]}
 """ % (_HEAVY,)
 
 
-@pytest.mark.xfail(strict=True, reason="dataselect.server's __init__ imports server.app (torch, grpc) eagerly; "
-                                       "it needs lazy exports like the root package's")
 def test_help_and_argument_errors_load_neither_torch_nor_grpc():
     """`dataselect-server --help` and a bad argument answer from click alone: torch and grpc are imported
     only when the server starts."""
