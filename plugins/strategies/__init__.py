@@ -1,5 +1,6 @@
 """The published strategies beyond the baselines (registered by `plugins.builtin_selectors`)."""
 
+from dataselect.plugins.strategies.glister import GlisterSelector
 from dataselect.plugins.strategies.mrmc import MRMCSelector
 from dataselect.plugins.strategies.report_based import (
     ImportanceSamplingSelector,
@@ -7,6 +8,7 @@ from dataselect.plugins.strategies.report_based import (
     SelectiveBackpropSelector,
 )
 from dataselect.plugins.strategies.signal_based import DynaMSSelector, HighGradientSelector, HighInfluenceSelector
+from dataselect.plugins.strategies.tracin import TracInSelector
 
 STRATEGIES = [
     HighGradientSelector,
@@ -16,4 +18,6 @@ STRATEGIES = [
     ImportanceSamplingSelector,
     SelectiveBackpropSelector,
     InfoBatchSelector,
+    TracInSelector,
+    GlisterSelector,
 ]
