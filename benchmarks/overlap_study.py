@@ -24,6 +24,11 @@ Subcommands (each writes under --out, default docs/results/overlap_study):
            predicted-class distribution and dead ReLUs on 1,000 test images,
            agreement with what fresh scoring would have chosen): trace_*.json
            and a PNG.
+  table    accuracy mean ± std per strategy x fraction for chosen fixes, with
+           the worst per-seed gap to a reference fix and the hidden share.
+  product  the proposed CI collapse test through the product itself:
+           dataselect.Session(..., overlap=True) embedded in a plain SGD loop on a
+           few thousand MNIST images, ramp off (ramp_steps=0) against the default.
   report   tables (Markdown) from runs.jsonl: accuracy against fresh scoring per
            cell and seed, the hidden share of scoring, the costs.
   check    the real trainer (`dataselect-train`) against this loop, one cell.
@@ -67,6 +72,10 @@ Fixes (`--fixes`, comma-separated; parts of one fix joined by '+'):
                  momentum buffers) and scores with the weights the pool will be
                  trained from; replay=head replays only the final layer's part.
   extrap=C       the scorer scores with w + C (w - w_previous_push).
+  full=K         the first K steps train on every sample (pools of one batch, all
+                 kept, not selected: Selective Backprop's priming, warmup_epochs,
+                 which the product halves to 0.5 epoch for a 1-epoch run: K=234
+                 at 30,000 images), then the rest of the fix applies.
   staleuntil=K   overlap for the first K steps, then fresh scoring: how early
                  must a detector switch to fresh scoring to save the run?
   half           (a modifier, e.g. fresh+half) weights and momentum buffers
@@ -133,6 +142,7 @@ class Fix:
     extrap: float = 0.0
     half: bool = False
     stale_until: int = 0
+    full_steps: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> "Fix":
@@ -171,6 +181,8 @@ class Fix:
                     fix.extrap = float(value)
                 elif key == "half" and not value:
                     fix.half = True
+                elif key == "full":
+                    fix.full_steps = int(value)
                 elif key == "staleuntil":
                     fix.stale_until = int(value)
                 else:
@@ -407,13 +419,19 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
     digest = hashlib.sha256()
     stale_stats = {"sum": 0, "n": 0, "max": 0}
 
+    def priming() -> bool:
+        return st["steps"] < fix.full_steps
+
     def fraction_now() -> float:
+        if priming():
+            return 1.0
         if fix.anneal and not variable:
-            return cfg.fraction + (1.0 - cfg.fraction) * max(0.0, 1.0 - st["steps"] / fix.anneal)
+            return cfg.fraction + (1.0 - cfg.fraction) * max(0.0, 1.0 - (st["steps"] - fix.full_steps) / fix.anneal)
         return cfg.fraction
 
     def beta_now() -> float:
-        return SB_BETA * min(1.0, st["steps"] / fix.anneal) if fix.anneal and variable else SB_BETA
+        # (the anneal starts when any full-data priming ends)
+        return SB_BETA * min(1.0, (st["steps"] - fix.full_steps) / fix.anneal) if fix.anneal and variable else SB_BETA
 
     def next_pool() -> dict | None:
         if st["cursor"] >= n:
@@ -457,7 +475,9 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         counts["samples_scored"] += len(pool["pos"])
         pool.update(signals=sig, ahead=ahead, scored_at=scorer.at)
         s, budget = sig[SIGNAL[strategy]], pool["budget"]
-        if variable:
+        if priming():  # full-data steps: everything kept, nothing selected (Selective Backprop's history untouched)
+            pool["rows"] = torch.arange(len(s))
+        elif variable:
             if fix.rerank and ahead:
                 p_stale, _ = sb.probabilities(sig["loss"], beta_now())
                 q = (fix.rerank * p_stale).clamp(max=1.0)
@@ -878,6 +898,63 @@ def cmd_ci(args) -> None:
     (out / f"ci_probe_{args.dataset}_n{args.train_subset}_f{args.fraction:g}.json").write_text(json.dumps(rows, indent=1))
 
 
+def product_run(data, strategy: str, fraction: float, seed: int, overlap: bool, ramp_steps: int | None,
+                batch_size: int = 64) -> dict:
+    """One epoch through the product: `dataselect.Session(..., overlap=...)` embedded, its loader, and a
+    plain SGD loop (lr 0.05, momentum 0.9, cnn-small), as a user's own loop would run it."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    import dataselect
+    from dataselect.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("cnn-small", **data.info.model_kwargs())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    session = dataselect.Session(strategy, model, fraction=fraction, epochs=1, overlap=overlap,
+                                 ramp_steps=ramp_steps, seed=seed, device="cpu")
+    t0 = time.perf_counter()
+    try:
+        loader = session.loader(TensorDataset(data.train.inputs, data.train.labels), batch_size=batch_size)
+        model.train()
+        for x, y in loader:
+            loss = session.loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        figures = session.overlap_figures()
+        steps = session.steps
+    finally:
+        session.close()
+    model.eval()
+    acc, test_loss = evaluate(model, data.test.inputs, data.test.labels)
+    return {"strategy": strategy, "fraction": fraction, "seed": seed, "overlap": overlap, "ramp_steps": ramp_steps,
+            "train_subset": len(data.train.labels), "test_images": len(data.test.labels), "accuracy": acc,
+            "test_loss": test_loss, "steps": steps, "seconds": time.perf_counter() - t0,
+            "overlap_figures": figures}
+
+
+def cmd_product(args) -> None:
+    """The proposed CI collapse test through the product: Session(overlap=True) with the ramp off and on."""
+    from dataselect.client.data import load_dataset
+
+    data = load_dataset("mnist", args.data_dir, download=False, train_subset=args.train_subset,
+                        test_subset=args.test_subset or None)
+    rows = []
+    for variant in args.variants:
+        overlap, _, ramp = variant.partition(":")
+        for strategy in args.strategies:
+            for seed in args.seeds:
+                res = product_run(data, strategy, args.fraction, seed, overlap == "overlap",
+                                  None if ramp in ("", "default") else int(ramp))
+                res["variant"] = variant
+                rows.append(res)
+                print(json.dumps({k: v for k, v in res.items() if k != "overlap_figures"}), file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"product_probe_n{args.train_subset}_f{args.fraction:g}.json").write_text(json.dumps(rows, indent=1))
+
+
 def cmd_report(args) -> None:
     path = Path(args.out) / args.file
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -944,6 +1021,60 @@ def report(runs: list[dict], args) -> str:
     return "\n".join(lines + detail)
 
 
+def _mean_std(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def table(runs: list[dict], fixes: list[str], seeds: list[int], reference: str = "fresh") -> str:
+    """Markdown: per strategy x fraction, test accuracy mean ± std over `seeds` for each fix, the worst
+    per-seed gap to `reference` (points; a fix's same-seed run against the reference's) and the smallest
+    hidden share after the initial phase. A cell missing a seed is shown with the seeds it has (n=...)."""
+    by = {}
+    for r in runs:
+        if r["sync_every"] == 1 and r["train_subset"] == 30000 and r["seed"] in seeds \
+                and (r["strategy"] not in VARIABLE_SIZE or r["sb_rule"] == "reference"):
+            by[(r["fix"], r["strategy"], r["fraction"], r["seed"])] = r
+    head = ["strategy", "f"] + [f"`{fx}`" for fx in fixes]
+    head += [f"worst gap `{fx}` vs `{reference}` (pts)" for fx in fixes if fx != reference]
+    head += [f"hidden `{fx}` (min)" for fx in fixes if fx not in ("fresh",) and not fx.startswith("fresh+")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for strat in STRATEGIES:
+        for frac in (0.1, 0.25, 0.33, 0.5):
+            row = [strat, f"{frac:g}"]
+            got = {fx: [by[(fx, strat, frac, sd)] for sd in seeds if (fx, strat, frac, sd) in by] for fx in fixes}
+            if not any(got.values()):
+                continue
+            for fx in fixes:
+                accs = [r["test_accuracy"] for r in got[fx]]
+                row.append((_mean_std(accs) + ("" if len(accs) == len(seeds) else f" (n={len(accs)})")) if accs else "–")
+            for fx in fixes:
+                if fx == reference:
+                    continue
+                gaps = [100 * (by[(reference, strat, frac, r["seed"])]["test_accuracy"] - r["test_accuracy"])
+                        for r in got[fx] if (reference, strat, frac, r["seed"]) in by]
+                row.append(f"{max(gaps):+.1f}{'' if max(gaps) <= 0.5 else ' ✗'}" if gaps else "–")
+            for fx in fixes:
+                if fx == "fresh" or fx.startswith("fresh+"):
+                    continue
+                row.append(f"{min(r['hidden_share_after_initial'] for r in got[fx]):.2f}" if got[fx] else "–")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def cmd_table(args) -> None:
+    path = Path(args.out) / args.file
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = table(runs, args.fixes, args.seeds, args.reference)
+    if args.markdown:
+        cmd = "python benchmarks/overlap_study.py table " + " ".join(
+            f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in (("fixes", args.fixes), ("seeds", args.seeds), ("reference", args.reference)))
+        Path(args.markdown).write_text(f"<!-- made by: {cmd} -->\n\n{text}\n")
+    print(text)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -995,6 +1126,22 @@ def main(argv=None) -> None:
     r = sub.add_parser("report", help="Markdown tables from runs.jsonl")
     common(r)
     r.add_argument("--file", default="runs.jsonl")
+    pr = sub.add_parser("product", help="the CI collapse probe through dataselect.Session (embedded)")
+    common(pr)
+    pr.set_defaults(train_subset=4000)
+    pr.add_argument("--test-subset", type=int, default=2000)
+    pr.add_argument("--fraction", type=float, default=0.25)
+    pr.add_argument("--strategies", type=names, default=["high_loss"])
+    pr.add_argument("--seeds", type=ints, default=[0, 1, 2])
+    pr.add_argument("--variants", type=names, default=["overlap:0", "overlap:default", "fresh"],
+                    help="overlap:RAMP (RAMP an int, or 'default' for the session's) or fresh")
+    tb = sub.add_parser("table", help="Markdown: accuracy mean ± std per strategy x fraction for chosen fixes")
+    common(tb)
+    tb.add_argument("--file", default="runs.jsonl")
+    tb.add_argument("--fixes", type=names, default=["fresh", "stale", "anneal=100"])
+    tb.add_argument("--seeds", type=ints, default=[1, 2, 3])
+    tb.add_argument("--reference", default="fresh", help="the fix the gaps are measured against")
+    tb.add_argument("--markdown", default="", help="also write the table to this file")
     args = ap.parse_args(argv)
     for name in ("fixes",):
         for fx in getattr(args, name, []) or []:
@@ -1002,7 +1149,8 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    {"grid": cmd_grid, "trace": cmd_trace, "check": cmd_check, "ci": cmd_ci, "report": cmd_report}[args.command](args)
+    {"grid": cmd_grid, "trace": cmd_trace, "check": cmd_check, "ci": cmd_ci, "report": cmd_report,
+     "table": cmd_table, "product": cmd_product}[args.command](args)
 
 
 if __name__ == "__main__":
