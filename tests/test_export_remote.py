@@ -66,11 +66,11 @@ def test_a_module_of_your_own_scores_on_a_server_as_it_does_embedded(scoring_ser
 def test_an_unmodified_torchvision_resnet18_trains_with_remote_selection(scoring_server):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=4)
-    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 4, (64,))
+    model = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with dataselect.Session("high_gradient", model, fraction=0.5, server=scoring_server.address, overlap=False,
-                            num_classes=4) as session:
+                            num_classes=10) as session:
         for start in range(0, 64, 32):
             xs, ys = x[start:start + 32], y[start:start + 32]
             chosen = session.select(xs, ys, torch.arange(start, start + 32))
@@ -104,3 +104,29 @@ def test_the_server_refuses_an_archive_under_another_name(scoring_server):
             stub.OpenSession(pb.OpenSessionRequest(strategy="high_loss", num_classes=3, model=pb.ModelSpec(
                 name=f"exported:{hashlib.sha256(bad).hexdigest()[:12]}", exported=bad)))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.slow
+def test_an_unmodified_resnet18_registered_by_a_plugin_selects_remotely_as_embedded(scoring_server):
+    """Through a plugin the server builds resnet18 by name (no export); selections match the embedded ones."""
+    torchvision = pytest.importorskip("torchvision")
+    from dataselect.plugins.hookspecs import hookimpl
+    from dataselect.plugins import register_plugin, unregister_plugin
+
+    class Plugin:
+        @hookimpl
+        def register_models(self, register):
+            register("tv-resnet18-remote-test", torchvision.models.resnet18)
+
+    register_plugin(Plugin(), "tv-resnet18-remote-test-plugin")  # the in-process server shares the registry
+    try:
+        kw = dict(num_classes=10, in_channels=3, image_size=32, mean=[0.5] * 3, std=[0.25] * 3)
+        torch.manual_seed(0)
+        model = dataselect.build_model("tv-resnet18-remote-test", **kw)
+        x, y = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,))
+        embedded, _ = _selections(model, x, y, "high_gradient")
+        remote, label = _selections(model, x, y, "high_gradient", scoring_server.address)
+        assert label == "tv-resnet18-remote-test"  # built by name there, not exported
+        assert remote.tolist() == embedded.tolist()
+    finally:
+        unregister_plugin("tv-resnet18-remote-test-plugin")
