@@ -28,7 +28,7 @@ How the budget stays global:
   exactly the selection a single server would make (the `sample` policy draws
   from the client's own generator, seeded with the session seed).
 * `proportional` merge — strategies with their own selection logic (random,
-  selective_backprop, importance_sampling, infobatch, dynams, mrmc). Each
+  selective_backprop, importance_sampling, infobatch, dynams, mrmc, glister). Each
   replica runs the strategy on its shard with a budget proportional to the
   shard's size (largest remainders, so the shares sum to exactly the budget).
   Hashed shards are uniform random samples of the pool, so this approximates

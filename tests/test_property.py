@@ -8,7 +8,7 @@ from dataselect.plugins.base import Progress
 from dataselect.scoring import PoolChunk, ScoringSession
 
 MODEL_KW = dict(num_classes=4, in_channels=1, image_size=8, mean=(0.5,), std=(0.5,))
-FIXED = [("random", {}), ("high_loss", {}), ("high_gradient", {}), ("high_gradient", {"scope": "full"}),
+FIXED = [("random", {}), ("high_loss", {}), ("tracin", {}), ("glister", {}), ("high_gradient", {}), ("high_gradient", {"scope": "full"}),
          ("high_influence", {}), ("dynams", {}), ("dynams", {"kind": "logit"}), ("mrmc", {"warmup_epochs": 2}),
          ("importance_sampling", {"warmup_epochs": 0})]
 VARIABLE = [("selective_backprop", {}), ("infobatch", {}), ("dynams", {"schedule": "power"})]

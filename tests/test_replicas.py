@@ -109,7 +109,8 @@ def test_apportion_is_exact_and_bounded():
 
 def test_merge_kind_by_strategy():
     assert merge_kind("high_loss") == "exact" and merge_kind("high_gradient") == "exact"
-    for s in ("random", "selective_backprop", "importance_sampling", "infobatch", "dynams", "mrmc"):
+    assert merge_kind("tracin") == "exact"  # score-then-policy (its scores are per-sample totals)
+    for s in ("random", "selective_backprop", "importance_sampling", "infobatch", "dynams", "mrmc", "glister"):
         assert merge_kind(s) == "proportional", s
 
 
