@@ -84,7 +84,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
               help="Score the next pool while training on this one (scoring leaves the critical path); "
                    "checkpoint pushes and reports also run in the background.")
 @click.option("--ramp-steps", type=click.IntRange(min=0), default=None, metavar="N",
-              show_default="100 with overlap, 0 without",
+              show_default="25 / --select-fraction with overlap (100 at 0.25), 0 without",
               help="With overlap, online mode: the share kept from each pool falls from all of it to "
                    "--select-fraction over the first N steps, so scores one step stale cannot collapse "
                    "training early on (0: select at the full fraction from the first step).")

@@ -56,8 +56,10 @@ from dataselect.plugins.policies import POLICIES
 
 #: Overlap never asks for more than this many pools ahead.
 MAX_POOLS_AHEAD = 8
-#: Steps over which an overlapped online run's kept share falls from 1 to its fraction (`ramp_steps`).
-DEFAULT_RAMP_STEPS = 100
+#: An overlapped online run's ramp (`ramp_steps`) lasts RAMP_STEPS_PER_SELECTIVITY / fraction steps:
+#: 100 at fraction 0.25, 250 at 0.1, 50 at 0.5. The more selective, the longer one-step-stale top-k
+#: stays dangerous (measured: a 100-step ramp is enough at 0.25 but not at 0.1).
+RAMP_STEPS_PER_SELECTIVITY = 25.0
 
 
 @dataclass
@@ -181,7 +183,7 @@ class Session:
         ramp_steps: with overlap, the share kept from each online pool falls linearly from 1 to
             `fraction` over the first this many optimiser steps, so the one-step-stale scores never
             pick a few hard samples while the model still changes fast (see the README's overlap
-            section); None = `DEFAULT_RAMP_STEPS` with overlap, 0 without.
+            section); None = 25 / fraction steps with overlap (100 at 0.25), 0 without.
         seed: seeds the shuffles and the strategy's randomness.
         device: where in-process scoring runs; None = the model's device.
         last_layer: name of the final nn.Linear (`model.named_modules()`), for last-layer signals;
@@ -344,7 +346,7 @@ class Session:
         self.remote = bool(self.server)
         if self.overlap_requested if self.overlap_requested is not None else self.remote:
             self.pipeline = ScorerPipeline()
-        default_ramp = DEFAULT_RAMP_STEPS if self.pipeline is not None else 0
+        default_ramp = math.ceil(RAMP_STEPS_PER_SELECTIVITY / self.fraction - 1e-9) if self.pipeline is not None else 0
         self.ramp_steps = default_ramp if self.ramp_requested is None else self.ramp_requested
         info = self.scorer.info
         if info.proxy_width_ratio:

@@ -103,7 +103,7 @@ class TrainConfig:
     #: checkpoints in the background. None = on with a remote server, off embedded.
     overlap: bool | None = None
     #: With overlap, online mode: steps over which the kept share falls from 1 to select_fraction
-    #: (None = the session's default: 100 with overlap, 0 without).
+    #: (None = the session's default: 25 / select_fraction with overlap, 0 without).
     ramp_steps: int | None = None
     #: Remote scoring: dtype floating weights travel in (float32, float16, bfloat16).
     checkpoint_dtype: str = "float32"

@@ -199,6 +199,11 @@ def test_a_session_ramps_only_overlapped_online_selection():
     inline.open(dataset_size=100, batch_size=8)
     assert inline.ramp_steps == 0 and inline.budget_for(40) == 10
     inline.close()
+    for fraction, steps in ((0.25, 100), (0.1, 250), (0.5, 50)):  # default: 25 / fraction steps
+        d = Session("high_loss", model, fraction=fraction, overlap=True, num_classes=3)
+        d.open(dataset_size=100, batch_size=8)
+        assert d.ramp_steps == steps
+        d.close()
     subset = Session("dynams", model, fraction=0.25, overlap=True, num_classes=3)
     assert subset.fraction_at(0) == 0.25  # whole-set selections are never ramped
     with pytest.raises(InvalidArgument, match="ramp_steps"):
