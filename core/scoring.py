@@ -426,7 +426,8 @@ class ScoringSession:
             if torch.unique(ids).numel() != n:
                 raise InvalidArgument("duplicate ids in the pool: each candidate must appear once")
             pool = Pool(ids=ids, labels=labels,
-                        signals={k: torch.cat(v) for k, v in signal_parts.items()}, progress=progress)
+                        signals={k: torch.cat(v) for k, v in signal_parts.items()}, progress=progress,
+                        checkpoint_version=-1 if self.checkpoint_version is None else int(self.checkpoint_version))
             self._check_signals(pool)
             sel = self._run_strategy(pool, budget, policy)
             diagnostics = dict(sel.diagnostics or {})

@@ -124,6 +124,8 @@ class Pool:
     labels: torch.Tensor  # int64 [n], CPU
     signals: dict[str, torch.Tensor]  # each [n, ...], CPU
     progress: Progress
+    #: Version of the checkpoint the signals were computed with (-1: none or unknown).
+    checkpoint_version: int = -1
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])

@@ -62,6 +62,20 @@ def test_tracin_accumulates_self_influence_per_id_once_per_checkpoint():
     assert sel.table.data["terms"][rows].tolist() == [1.0, 2.0, 2.0, 1.0]
 
 
+def test_tracin_counts_checkpoint_versions_when_the_scorer_gives_them():
+    """Two pushes between optimiser steps (a user's loop pushing twice) are two checkpoints; one version
+    scored twice is one."""
+    sel = make("tracin", prefer="high")
+    p = pool([1, 2], step=3, grad_norm_last=torch.tensor([1.0, 2.0]))
+    p.checkpoint_version = 7
+    assert sel.score(p).tolist() == pytest.approx([1.0, 4.0])
+    again = pool([1, 2], step=3, grad_norm_last=torch.tensor([1.0, 2.0]))
+    again.checkpoint_version = 8  # same step, a newer checkpoint: a second term
+    assert sel.score(again).tolist() == pytest.approx([2.0, 8.0])
+    again.checkpoint_version = 8  # the same checkpoint once more: nothing added
+    assert sel.score(again).tolist() == pytest.approx([2.0, 8.0])
+
+
 def test_tracin_prefer_low_drops_the_most_self_influential():
     sel = make("tracin")
     out = sel.select(pool([1, 2, 3, 4], step=1, grad_norm_last=torch.tensor([0.5, 3.0, 1.0, 2.0])), 2, "topk")

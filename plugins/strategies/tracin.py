@@ -36,8 +36,8 @@ class TracInSelector(Selector):
     How this strategy uses it. Each selection adds the current checkpoint's term
     η_k g_i² for every sample in the pool to a per-sample total kept on the
     scorer, keyed by sample id (the scorer keeps this instance across checkpoint
-    pushes). A checkpoint is identified by `Progress.step` (optimiser steps
-    done): a sample scored twice at the same step (a retried Select) gets one
+    pushes). A checkpoint is identified by `Pool.checkpoint_version` (else
+    `Progress.step`): a sample scored twice with one checkpoint (a retried Select) gets one
     term. The score is the total:
 
     * `prefer=low` (default, the paper's use): train on the lowest self-influence,
@@ -115,7 +115,8 @@ class TracInSelector(Selector):
         """Add this checkpoint's η_k g² to each pool sample's total (once per Progress.step); the totals."""
         rows = self.table.rows(pool.ids)  # first: it may grow (replace) the tensors
         data = self.table.data
-        step = float(pool.progress.step)
+        # The checkpoint's version when the scorer says it, else the optimiser step it was taken at.
+        step = float(pool.checkpoint_version if pool.checkpoint_version >= 0 else pool.progress.step)
         fresh = data["step"][rows] != step
         g = pool.signals[self.signal].double()
         eta = step_size(self.opts["eta"], pool.progress)
