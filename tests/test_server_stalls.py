@@ -31,7 +31,7 @@ from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_server_cli import ServerProcess  # noqa: E402
+from conftest import ServerProcess  # noqa: E402
 
 C = grpc.StatusCode
 KWARGS = dict(num_classes=10, in_channels=1, image_size=8, mean=(0.5,), std=(0.25,))
@@ -307,13 +307,7 @@ def test_the_process_exits_within_its_grace_period_even_with_a_stuck_call(tmp_pa
     marker = tmp_path / "started"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
                SLOW_MARKER=str(marker))
-    old = dict(os.environ)
-    os.environ.update(env)
-    try:
-        server = ServerProcess("--device", "cpu", "--port", "0", "--grace-seconds", "2", "--log-level", "info")
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    server = ServerProcess(("--device", "cpu", "--port", "0", "--grace-seconds", "2", "--log-level", "info"), env=env)
     try:
         address = server.wait_for_address()
         with grpc.insecure_channel(address) as ch:
