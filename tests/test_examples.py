@@ -50,5 +50,7 @@ def test_the_resnet_example_trains_an_unmodified_resnet18_on_an_imagefolder(tmp_
     argv = ["--data", str(root), "--epochs", "1", "--batch-size", "8", "--size", "24", "--workers", "0"]
     result = _example("resnet_imagefolder").main(argv + (["--server", scoring_server.address] if remote else []))
     assert result["scorer"] == ("remote" if remote else "embedded")
-    assert result["samples_scored"] == 24 and result["samples_trained"] == 12  # high_loss keeps half
+    assert result["samples_scored"] == 24
+    # high_loss keeps half; on a server overlap's ramp keeps whole one-batch pools in the first steps
+    assert result["samples_trained"] == (24 if remote else 12)
     assert 0.0 <= result["test_accuracy"] <= 1.0
