@@ -369,6 +369,7 @@ class SelectionLoader:
         ceil(batch / fraction at that step) candidates, so the pools grow from one batch to `pool_size`
         while the budget stays one batch (`pool_fractions` holds each pool's fraction)."""
         s = self.session
+        s.start_ramp()
         parts: list[torch.Tensor] = []
         self.pool_fractions: list[float] = []
         start, step = 0, s.steps

@@ -236,6 +236,8 @@ class Session:
         self.ramp_requested = ramp_steps
         #: Steps over which the kept share of online pools falls from 1 to `fraction` (set at open).
         self.ramp_steps = 0
+        #: The step at which online selection started (the ramp counts from there: after any warm-up).
+        self.ramp_origin: int | None = None
         self.seed = int(seed)
         self.device = None if device is None else torch.device(device)
         self.last_layer = last_layer
@@ -455,10 +457,19 @@ class Session:
 
     def fraction_at(self, step: int) -> float:
         """The share of an online pool kept at optimiser step `step`: `fraction`, or during the first
-        `ramp_steps` steps a share falling linearly from 1 to it."""
-        if self.mode != "online" or step >= self.ramp_steps:
+        `ramp_steps` steps of online selection (counted from its first pool, so after any full-data
+        warm-up) a share falling linearly from 1 to it."""
+        if self.mode != "online" or not self.ramp_steps:
             return self.fraction
-        return self.fraction + (1.0 - self.fraction) * (1.0 - step / self.ramp_steps)
+        done = step - (self.steps if self.ramp_origin is None else self.ramp_origin)
+        if done >= self.ramp_steps:
+            return self.fraction
+        return self.fraction + (1.0 - self.fraction) * (1.0 - max(0, done) / self.ramp_steps)
+
+    def start_ramp(self) -> None:
+        """Online selection starts now (the first pool): the ramp counts from this step."""
+        if self.ramp_origin is None:
+            self.ramp_origin = self.steps
 
     def current_fraction(self) -> float:
         return self.fraction_at(self.steps)
@@ -523,6 +534,8 @@ class Session:
         """
         if self.scorer is None:
             self.open(example=inputs)
+        if not fresh_model:
+            self.start_ramp()
         if self.needs_inputs and (self.pushed_at_step is None or (fresh_model and self.pushed_at_step != self.steps)):
             self.push()
         send = inputs if self.needs_inputs else None
@@ -825,13 +838,15 @@ class Session:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs (plain data): counters, digest, versions, costs."""
-        return {"steps": self.steps, "checkpoint_version": self.checkpoint_version,
+        return {"steps": self.steps, "checkpoint_version": self.checkpoint_version, "ramp_origin": self.ramp_origin,
                 "selection_sha256": self.digest.hexdigest(), "costs": _as_dict(self.costs),
                 "counters": {k: v for k, v in self.counters().items() if k in ("checkpoint_bytes", "checkpoint_pushes",
                                                                                 "reconnects", "resumes")}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
+        origin = state.get("ramp_origin")
+        self.ramp_origin = None if origin is None else int(origin)
         self.checkpoint_version = int(state.get("checkpoint_version", 0))
         self.digest.update(str(state["selection_sha256"]).encode())
         self.costs = Costs(**{k: v for k, v in state.get("costs", {}).items() if k in _COST_FIELDS})

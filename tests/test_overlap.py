@@ -210,6 +210,23 @@ def test_a_session_ramps_only_overlapped_online_selection():
         Session("high_loss", model, ramp_steps=-1)
 
 
+def test_the_ramp_starts_with_online_selection_after_a_warm_up():
+    """Selective Backprop primes on full data first; the ramp counts from its first pool, not step 0."""
+    s = train(_config(strategy="selective_backprop", overlap=True, ramp_steps=5, options={"warmup_epochs": 0.5}))
+    assert s["steps"] > 5  # the priming alone takes more steps than the ramp
+    from dataselect import Session
+
+    model = torch.nn.Linear(4, 3)
+    session = Session("high_loss", model, fraction=0.25, overlap=True, ramp_steps=10, num_classes=3)
+    session.open(dataset_size=100, batch_size=8)
+    session.steps = 40  # forty steps of warm-up on full data
+    assert session.fraction_at(40) == 1.0  # not started: the ramp is all ahead
+    session.start_ramp()
+    assert [round(session.fraction_at(k), 3) for k in (40, 45, 50)] == [1.0, 0.625, 0.25]
+    assert session.state_dict()["ramp_origin"] == 40
+    session.close()
+
+
 def test_a_self_sized_strategy_is_topped_up_during_the_ramp():
     """Selective Backprop keeps about a quarter (beta 3); during the ramp its selection is topped up
     uniformly to the ramp's share, so the first overlapped pools are not its few hardest samples."""
