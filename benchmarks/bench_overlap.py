@@ -1,4 +1,4 @@
-"""Does overlapped scoring take selection off the trainer's critical path? (issue 7, measurement 3)
+"""Does overlapped scoring take selection off the trainer's critical path?
 
 Compares the trainer's wall-clock (less data loading and evaluation:
 `training_wall_seconds`) of

@@ -1,4 +1,4 @@
-"""Scoring cost against pool size and model depth, through the streamed whole-set path (issue 7, measurement 5).
+"""Scoring cost against pool size and model depth, through the streamed whole-set path.
 
     python benchmarks/bench_scaling.py --data-dir ../shared/datasets
     python benchmarks/bench_scaling.py --data-dir DIR --sizes 1000,4000 --models cnn-small --repeats 1

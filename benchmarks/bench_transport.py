@@ -1,4 +1,4 @@
-"""Transport overhead: one Select over loopback gRPC vs the same scoring in-process (issue 7, measurement 2).
+"""Transport overhead: one Select over loopback gRPC vs the same scoring in-process.
 
     python benchmarks/bench_transport.py --data-dir ../shared/datasets [--pool 4096] [--repeats 7]
 
