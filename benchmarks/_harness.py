@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,8 +119,6 @@ def machine() -> str:
 
 def mean_std(values: list[float], digits: int = 2, suffix: str = "") -> str:
     """"mean ± std" (sample std) of `values` for a table; the value alone when there is one; a dash when none."""
-    import statistics
-
     if not values:
         return "—"
     mean = statistics.fmean(values)

@@ -82,7 +82,7 @@ def main() -> None:
 
     lines = [f"`python benchmarks/overlap_table.py {' '.join(sys.argv[1:])}`", "",
              f"MNIST {args.train_subset} training images, 1 epoch, cnn-small, seeds {args.seeds}; {machine()}. "
-             "default = `--server` with the trainer's defaults (overlap on, ramp 100 steps); "
+             "default = `--server` with the trainer's defaults (overlap on, ramp of 25 / fraction steps); "
              "fresh = in-process, `--no-overlap`.", "",
              "| strategy | fraction | fresh acc | default acc | difference (points) | samples trained fresh / default "
              "| scoring hidden (default) | staleness mean (max) |",
