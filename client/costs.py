@@ -24,6 +24,8 @@ class Costs:
     eval_seconds: float = 0.0
     data_seconds: float = 0.0
     report_seconds: float = 0.0
+    #: Training the irreducible-loss model (RHO-LOSS), before the first selection; counted in score_seconds too.
+    irreducible_seconds: float = 0.0
     samples_trained: int = 0
     samples_scored: int = 0
     steps: int = 0
@@ -92,6 +94,8 @@ def format_cost_table(summary: dict[str, Any]) -> str:
 
     row("training (fwd+bwd+opt)", summary["train_seconds"])
     row("waiting for selections", summary["score_seconds"])
+    if summary.get("irreducible_seconds"):
+        row("  of which irreducible model", summary["irreducible_seconds"])
     if summary.get("report_seconds"):
         row("sending training losses", summary["report_seconds"])
     if summary.get("checkpoint_pushes"):

@@ -62,7 +62,8 @@ RECORD_ENV = "DATASELECT_RECORD_TRAINED_IDS"
 
 #: Per-rank figures gathered into the summary's `per_rank` and summed into its totals.
 RANK_COSTS = ("train_seconds", "score_seconds", "server_compute_seconds", "transfer_seconds", "checkpoint_seconds",
-              "eval_seconds", "data_seconds", "report_seconds", "samples_trained", "samples_scored")
+              "eval_seconds", "data_seconds", "report_seconds", "irreducible_seconds", "samples_trained",
+              "samples_scored")
 
 
 def world_size() -> int:
@@ -309,6 +310,10 @@ class DistributedScorer:
     def push_state(self, state: dict[str, torch.Tensor], version: int, step: int) -> None:
         if self.inner is not None:
             self.inner.push_state(state, version, step)
+
+    def push_irreducible(self, state: dict[str, torch.Tensor]) -> None:
+        if self.inner is not None:
+            self.inner.push_irreducible(state)
 
     def select(self, ids: torch.Tensor, inputs: torch.Tensor | None, labels: torch.Tensor, budget: int,
                progress: Progress, *, return_scores: bool = False) -> ScoreReply:

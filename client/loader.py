@@ -296,6 +296,8 @@ class SelectionLoader:
         s = self.session
         if s.scoring and not s.is_open:
             s.open(dataset_size=len(self.data), batch_size=self.global_batch, example=self.data.example())
+        if s.needs_irreducible:
+            s.fit_irreducible(self.data, batch_size=self.batch_size)
         self.epoch += 1
         kind = self.epoch_kind = self._kind(self.epoch)
         if kind == "full":

@@ -133,6 +133,8 @@ class RemoteScorer:
         # The weights as the server last received them (CPU, wire dtype) and their version:
         # the base of the next delta, and what a reconnect or a fallback reloads.
         self._shadow: tuple[dict[str, torch.Tensor], int] | None = None
+        #: The irreducible-loss model as last pushed (wire form), re-sent to a new session.
+        self._irreducible: dict[str, torch.Tensor] | None = None
         if token is None and token_file is not None:
             token = read_token_file(token_file)
         if token is None:
@@ -251,6 +253,19 @@ class RemoteScorer:
         if result is not _FELL_BACK:
             self.counters.checkpoint_bytes += len(data)
 
+    def push_irreducible(self, state: dict[str, torch.Tensor]) -> None:
+        """Upload the irreducible-loss model (a checkpoint with role 'irreducible'); kept, so a new session
+        after a reconnect, or an in-process fallback, gets it again."""
+        wire = self._wire_state(state)
+        self._irreducible = wire
+        if self._fallback is not None:
+            self._fallback.push_irreducible(wire)
+            return
+        data = self._checkpoint_bytes(wire, 0, 0, None, role="irreducible")
+        result = self._resilient(lambda: self._upload(data, 0), uploads_irreducible=True)
+        if result is not _FELL_BACK:
+            self.counters.checkpoint_bytes += len(data)
+
     def _wire_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """CPU copies of the tensors as they travel: floating tensors in `checkpoint_dtype`."""
         dtype = CHECKPOINT_DTYPES[self.checkpoint_dtype]
@@ -262,9 +277,11 @@ class RemoteScorer:
         return out
 
     def _checkpoint_bytes(self, state: dict[str, torch.Tensor], version: int, step: int,
-                          delta_of: int | None) -> bytes:
+                          delta_of: int | None, *, role: str = "model") -> bytes:
         ckpt = {"format": FORMAT, "model": self.spec.model_name, "kwargs": dict(self.spec.model_kwargs),
                 "state_dict": state, "version": int(version), "step": int(step)}
+        if role != "model":
+            ckpt["role"] = role
         if delta_of is not None:
             ckpt["delta_of"] = int(delta_of)
         return to_bytes(ckpt)
@@ -347,7 +364,8 @@ class RemoteScorer:
         self.close()
 
     # -- surviving restarts ------------------------------------------------------------
-    def _resilient(self, op: Callable[[], T], *, uploads_checkpoint: bool = False) -> T | object:
+    def _resilient(self, op: Callable[[], T], *, uploads_checkpoint: bool = False,
+                   uploads_irreducible: bool = False) -> T | object:
         """Run `op`; on UNAVAILABLE (or a session the server lost) reconnect with backoff and run it again.
 
         Returns `_FELL_BACK` when the retry budget ran out and scoring moved in-process.
@@ -382,13 +400,14 @@ class RemoteScorer:
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 5.0)
             try:
-                self._reconnect(skip_checkpoint=uploads_checkpoint, deadline=deadline)
+                self._reconnect(skip_checkpoint=uploads_checkpoint, skip_irreducible=uploads_irreducible,
+                                deadline=deadline)
             except (_Unreachable, NotFound) as exc:
                 lost = exc
                 continue
             lost = None
 
-    def _reconnect(self, *, skip_checkpoint: bool, deadline: float) -> None:
+    def _reconnect(self, *, skip_checkpoint: bool, deadline: float, skip_irreducible: bool = False) -> None:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=max(0.1, min(self.connect_timeout,
                                                                                   deadline - time.monotonic())))
@@ -399,6 +418,8 @@ class RemoteScorer:
             # A new session holds no weights: always a full checkpoint, never a delta.
             state, version = self._shadow
             self._upload(self._checkpoint_bytes(state, version, 0, None), version)
+        if self._irreducible is not None and not skip_irreducible:
+            self._upload(self._checkpoint_bytes(self._irreducible, 0, 0, None, role="irreducible"), 0)
         self.counters.reconnects += 1
         log.warning("reconnected to dataselect-server at %s with a new session (strategy state restarts)",
                     self.address)
@@ -410,6 +431,8 @@ class RemoteScorer:
         if self._shadow is not None:
             state, version = self._shadow
             self._fallback.session.load_state_dict(state, version)
+        if self._irreducible is not None:
+            self._fallback.push_irreducible(self._irreducible)
         self.info = self._fallback.info
         self.counters.extra["fallback"] = 1
 

@@ -242,6 +242,7 @@ class ReplicatedScorer:
         self._replicas: list[Any | None] = [None] * len(self.addresses)
         self._next_revive = [0.0] * len(self.addresses)
         self._last_push: tuple[str, Any, int, int] | None = None
+        self._irreducible: dict[str, torch.Tensor] | None = None
         self._fallback: EmbeddedScorer | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -270,6 +271,21 @@ class ReplicatedScorer:
 
     def push_state(self, state: dict[str, torch.Tensor], version: int, step: int) -> None:
         self._push(("state", state, int(version), int(step)))
+
+    def push_irreducible(self, state: dict[str, torch.Tensor]) -> None:
+        """Every replica gets the irreducible-loss model (each scores its own ids with it); kept for revivals."""
+        self._irreducible = state
+        if self._fallback is not None:
+            self._fallback.push_irreducible(state)
+            return
+        live = [j for j, r in enumerate(self._replicas) if r is not None]
+        results = self._fan_out([(j, "push_irreducible", (state,), {}) for j in live])
+        for j, result in zip(live, results):
+            if isinstance(result, _ReplicaDown):
+                self._mark_down(j, result.cause)
+        if not any(self.live):
+            self._all_down(next(r.cause for r in results if isinstance(r, _ReplicaDown)))
+        self._sync_counters()
 
     def select(self, ids: torch.Tensor, inputs: torch.Tensor | None, labels: torch.Tensor, budget: int,
                progress: Progress, *, return_scores: bool = False) -> ScoreReply:
@@ -501,6 +517,8 @@ class ReplicatedScorer:
         try:
             if self._last_push is not None:
                 self._push_one(rep, self._last_push)
+            if self._irreducible is not None:
+                rep.push_irreducible(self._irreducible)
             info = rep.info
             if (info.strategy, info.policy, info.signals) != (self.info.strategy, self.info.policy, self.info.signals):
                 raise InvalidArgument(f"replica {address} came back with a different strategy setup")
@@ -522,6 +540,8 @@ class ReplicatedScorer:
             self._fallback = EmbeddedScorer(self.spec, device=self.fallback_device)
             if self._last_push is not None:
                 self._push_one(self._fallback, self._last_push)
+            if self._irreducible is not None:
+                self._fallback.push_irreducible(self._irreducible)
             self.info = self._fallback.info
             self.counters.extra["fallback"] = 1
             return

@@ -100,6 +100,9 @@ class Scorer(Protocol):
     def push_state(self, state: dict[str, torch.Tensor], version: int, step: int) -> None:
         """The same from a state dict (a snapshot taken on the trainer's thread when pushes are overlapped)."""
 
+    def push_irreducible(self, state: dict[str, torch.Tensor]) -> None:
+        """Give the scorer the irreducible-loss model's weights (strategies with the signal irreducible_loss)."""
+
     def select(self, ids: torch.Tensor, inputs: torch.Tensor | None, labels: torch.Tensor, budget: int,
                progress: Progress, *, return_scores: bool = False) -> ScoreReply:
         """Score a pool and return the selection (`inputs` may be None when no signals are needed)."""
@@ -143,6 +146,9 @@ class EmbeddedScorer:
         # In-process there is nothing to serialise: copy the weights into the scoring copy.
         self.session.load_state_dict(state, version)
         self.counters.checkpoint_pushes += 1
+
+    def push_irreducible(self, state: dict[str, torch.Tensor]) -> None:
+        self.session.load_irreducible(state)
 
     def select(self, ids, inputs, labels, budget, progress, *, return_scores=False) -> ScoreReply:
         return self.select_chunks([PoolChunk(ids=ids, labels=labels, inputs=inputs)], budget, progress,

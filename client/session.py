@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataselect.client.costs import Costs
+from dataselect.client.irreducible import fresh_copy, held_out_positions, train_irreducible
 from dataselect.client.pipeline import ScorerPipeline
 from dataselect.client.scorer import EmbeddedScorer, ScoreReply, Scorer, SessionSpec, unwrap_model
 from dataselect.errors import InvalidArgument, PluginError
@@ -287,6 +288,14 @@ class Session:
         self._dataset_size = 0
         self._batch_size = 0
         self._closed = False
+        #: (name, kwargs) when the model is a registered architecture (set at open).
+        self._registered: tuple[str, dict] | None = None
+        #: How the strategy's irreducible-loss model is trained (RHO-LOSS), set at open; None: it has none.
+        self.irreducible_plan = None
+        #: The irreducible-loss model's weights once trained (kept for a resumed run) and figures about it.
+        self.irreducible_state: dict[str, torch.Tensor] | None = None
+        self.irreducible_figures: dict[str, Any] = {}
+        self._irreducible_pushed = False
 
     # -- opening ----------------------------------------------------------------------------
     @property
@@ -361,6 +370,48 @@ class Session:
             self.proxy = build_proxy(name, kwargs, info.proxy_width_ratio, full=module,
                                      who=f"strategy {self.strategy!r} (parameter-sharing proxy)").to(device).train()
             self.proxy_weight = float(info.proxy_loss_weight)
+        self._registered = registered
+        self.irreducible_plan = self.cls.irreducible_training(self.options)
+        if (self.irreducible_plan is not None) != ("irreducible_loss" in info.signals):
+            raise PluginError(f"strategy {self.strategy!r} must both ask for the signal irreducible_loss and say how "
+                              "its model is trained (Selector.irreducible_training), or neither")
+
+    @property
+    def needs_irreducible(self) -> bool:
+        """True while the strategy's irreducible-loss model has not reached the scorer."""
+        return self.irreducible_plan is not None and not self._irreducible_pushed
+
+    def fit_irreducible(self, dataset: Any, *, batch_size: int = 64) -> dict[str, Any]:
+        """Train the irreducible-loss model the strategy asks for (RHO-LOSS) on its held-out share of
+        `dataset` and push it to the scorer; returns figures about the training.
+
+        `session.loader` and `session.batch_sampler` call this by themselves before the first selection;
+        call it yourself only when you select with `session.select`. A fresh copy of your model trains
+        (see `dataselect.client.irreducible`); its time is a selection cost (`costs.irreducible_seconds`,
+        also within `costs.score_seconds`). A resumed session pushes the weights it saved instead."""
+        from dataselect.client.loader import as_data
+
+        if not self.is_open:
+            self.open()
+        plan = self.irreducible_plan
+        if plan is None:
+            raise InvalidArgument(f"strategy {self.strategy!r} uses no irreducible-loss model")
+        t0 = time.perf_counter()
+        if self.irreducible_state is None and (self.dist is None or self.dist.is_main):
+            data = dataset if callable(getattr(dataset, "batches", None)) else as_data(dataset)
+            module = unwrap_model(self.model)
+            fresh = fresh_copy(module, self._registered, self.seed)
+            positions = held_out_positions(data, plan.share, self.seed)
+            self.irreducible_state, self.irreducible_figures = train_irreducible(
+                fresh, data, positions, plan, batch_size=batch_size, seed=self.seed, device=_device_of(module))
+        if self.irreducible_state is not None:
+            self.drain()
+            self.scorer.push_irreducible(self.irreducible_state)
+        self._irreducible_pushed = True
+        spent = time.perf_counter() - t0
+        self.costs.irreducible_seconds += spent
+        self.costs.score_seconds += spent
+        return dict(self.irreducible_figures)
 
     def _export(self, module: nn.Module, example: torch.Tensor | None) -> tuple[str, bytes]:
         """The module as a `torch.export` archive for a server, and the name it goes by there."""
@@ -840,6 +891,7 @@ class Session:
         """What a resumed run needs (plain data): counters, digest, versions, costs."""
         return {"steps": self.steps, "checkpoint_version": self.checkpoint_version, "ramp_origin": self.ramp_origin,
                 "selection_sha256": self.digest.hexdigest(), "costs": _as_dict(self.costs),
+                "irreducible": self.irreducible_state,
                 "counters": {k: v for k, v in self.counters().items() if k in ("checkpoint_bytes", "checkpoint_pushes",
                                                                                 "reconnects", "resumes")}}
 
@@ -852,6 +904,8 @@ class Session:
         self.costs = Costs(**{k: v for k, v in state.get("costs", {}).items() if k in _COST_FIELDS})
         self.counter_offset = dict(state.get("counters", {}))
         self.counter_offset["resumes"] = self.counter_offset.get("resumes", 0) + 1
+        if state.get("irreducible") is not None:
+            self.irreducible_state = dict(state["irreducible"])
 
 
 _COST_FIELDS = {f.name for f in fields(Costs)}

@@ -461,6 +461,7 @@ def _summary(config: TrainConfig, mode: str, session: Session, loader, clock: Ru
         "variant": dict(data.variant),
         "selection_sha256": session.digest.hexdigest(),
         **session.overlap_figures(),
+        **session.irreducible_figures,
         "target_accuracy": config.target_accuracy,
         # Training seconds (wall-clock less data loading and evaluation) and samples to reach it.
         "time_to_target_seconds": clock.target_seconds,

@@ -7,6 +7,7 @@ strategy behaves identically with or without a server.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -40,6 +41,7 @@ from dataselect.errors import (
     ResourceExhausted,
 )
 from dataselect.models import ScoringModel, build_model, input_dtype
+from dataselect.names import SESSION_SIGNALS
 from dataselect.plugins import get_selector
 from dataselect.plugins.base import Pool, Progress, Report, Selection, SessionContext
 from dataselect.plugins.policies import POLICIES, VARIABLE_SIZE_POLICIES
@@ -182,6 +184,12 @@ class ScoringSession:
             if self.channels_last:  # the same memory format as the model it stands in for
                 self.proxy.model = self.proxy.model.to(memory_format=torch.channels_last)
         self.signals = frozenset(self.selector.signals)
+        #: The signals the engine computes; the rest (SESSION_SIGNALS) come from this session.
+        self.engine_signals = self.signals - SESSION_SIGNALS
+        #: RHO-LOSS's irreducible-loss model (pushed by the trainer, see `load_irreducible`) and its
+        #: losses, computed once per sample id.
+        self.irreducible: ScoringModel | None = None
+        self.irreducible_losses: dict[int, float] = {}
         self.checkpoint_version: int | None = None
         self.lock = threading.Lock()
         self.closed = False
@@ -283,7 +291,7 @@ class ScoringSession:
             key = (id(model), tuple(inputs.shape[1:]), inputs.dtype)
             if key not in self._bytes_per_sample:  # one trial forward per model and input shape
                 self._bytes_per_sample[key] = signal_bytes_per_sample(
-                    model, inputs, self.signals, autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
+                    model, inputs, self.engine_signals or frozenset({"loss"}), autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
                     input_size=self.scaled_size(*inputs.shape[-2:]))
             size = pick_micro_batch(free, self._bytes_per_sample[key])
         return size if self.micro_batch is None else min(size, self.micro_batch)
@@ -319,6 +327,12 @@ class ScoringSession:
         name = ckpt.get("model")
         if name is not None and name != self.model_name:
             raise InvalidArgument(f"checkpoint is for model {name!r} but this session was opened for {self.model_name!r}")
+        role = ckpt.get("role", "model")
+        if role == "irreducible":
+            self.load_irreducible(ckpt["state_dict"])
+            return
+        if role != "model":
+            raise InvalidArgument(f"checkpoint role {role!r} is not one of: model, irreducible")
         delta_of = ckpt.get("delta_of")
         if delta_of is not None and (not isinstance(delta_of, int) or isinstance(delta_of, bool)):
             raise InvalidArgument(f"checkpoint 'delta_of' must be an integer version, got {type(delta_of).__name__}")
@@ -342,6 +356,40 @@ class ScoringSession:
             load_state(self.model, state, model_name=self.model_name)
             self.model.eval()
             self.checkpoint_version = int(version)
+
+    def load_irreducible(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the irreducible-loss model (RHO-LOSS): the session's architecture with weights trained on a
+        holdout. Its losses are computed once per sample id and cached; a new model clears the cache."""
+        if "irreducible_loss" not in self.signals:
+            raise FailedPrecondition(f"strategy {self.strategy!r} does not use an irreducible-loss model; "
+                                     "push one only to a strategy that asks for the signal irreducible_loss")
+        with self.lock:
+            self._check_open()
+            if self.registered:
+                model = build_model(self.model_name, **self.model_kwargs).to(self.device)
+            else:
+                model = copy.deepcopy(self.model)
+            load_state(model, state, model_name=f"{self.model_name} (irreducible-loss model)")
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self.irreducible = ScoringModel(model.eval())  # only its loss is read
+            self.irreducible_losses = {}
+
+    def _irreducible_for(self, chunk: PoolChunk, cancelled: Callable[[], bool] | None) -> torch.Tensor:
+        """Each sample's loss under the irreducible-loss model, from the cache or computed now (and cached)."""
+        cache = self.irreducible_losses
+        ids = chunk.ids.tolist()
+        missing = [j for j, i in enumerate(ids) if i not in cache]
+        if missing:
+            rows = torch.tensor(missing, dtype=torch.long)
+            inputs = chunk.inputs[rows]
+            if inputs.is_floating_point() and inputs.dtype != torch.float32:
+                inputs = inputs.float()
+            got = self._compute_signals(inputs, chunk.labels[rows], model=self.irreducible, cancelled=cancelled,
+                                        signals=frozenset({"loss"}))["loss"]
+            for j, value in zip(missing, got.tolist()):
+                cache[ids[j]] = value
+        return torch.tensor([cache[i] for i in ids], dtype=torch.float32)
 
     # -- selection -----------------------------------------------------------------
     def check_chunk(self, chunk: PoolChunk) -> None:
@@ -392,6 +440,11 @@ class ScoringSession:
             raise InvalidArgument(f"unknown policy {policy!r}; use one of: {', '.join(POLICIES)}")
         if self.signals and self.checkpoint_version is None:
             raise FailedPrecondition("no checkpoint loaded yet: upload one (UploadCheckpoint) before Select")
+        if "irreducible_loss" in self.signals and self.irreducible is None:
+            raise FailedPrecondition(
+                f"strategy {self.strategy!r} needs an irreducible-loss model and none was pushed: push one (a "
+                "checkpoint with role 'irreducible'); dataselect.Session trains and pushes it when its loader "
+                "starts, or call session.fit_irreducible(train_set) before selecting by hand")
         with self.lock:
             self._check_open()
             t0 = time.perf_counter()
@@ -409,13 +462,15 @@ class ScoringSession:
                     raise Cancelled("Select stopped: the caller cancelled or its deadline passed")
                 ids_parts.append(chunk.ids)
                 label_parts.append(chunk.labels.long())
-                if self.signals:
+                if self.engine_signals:
                     got = self._compute_signals(chunk.inputs, chunk.labels, model=None if proxy is None else proxy.model,
                                                 cancelled=cancelled)
                     if proxy is not None:
                         agreement.observe(chunk.inputs, chunk.labels, got)
                     for k, v in got.items():
                         signal_parts[k].append(v)
+                if "irreducible_loss" in self.signals:
+                    signal_parts["irreducible_loss"].append(self._irreducible_for(chunk, cancelled))
             ids = torch.cat(ids_parts) if ids_parts else torch.empty(0, dtype=torch.long)
             labels = torch.cat(label_parts) if label_parts else torch.empty(0, dtype=torch.long)
             n = int(ids.numel())
@@ -466,8 +521,10 @@ class ScoringSession:
             yield chunk
 
     def _compute_signals(self, inputs: torch.Tensor, labels: torch.Tensor, *, model=None,
-                         cancelled: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
-        """The engine's signals from `model` (default: the session's); out of memory halves the micro-batch and retries, down to 1."""
+                         cancelled: Callable[[], bool] | None = None,
+                         signals: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+        """The engine's signals (default: the strategy's) from `model` (default: the session's); out of memory
+        halves the micro-batch and retries, down to 1."""
         if inputs.is_floating_point() and inputs.dtype != torch.float32:
             inputs = inputs.float()  # the models compute in float32
         model = self.scoring_model if model is None else model
@@ -475,7 +532,8 @@ class ScoringSession:
         while True:
             compiled = getattr(model, "compiled", None)
             try:
-                return compute_signals(model, inputs, labels, self.signals, device=self.device, micro_batch=micro_batch,
+                return compute_signals(model, inputs, labels, signals or self.engine_signals, device=self.device,
+                                       micro_batch=micro_batch,
                                        autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
                                        input_size=self.scaled_size(*inputs.shape[-2:]) if inputs.dim() == 4 else None,
                                        cancelled=cancelled)
@@ -621,3 +679,5 @@ class ScoringSession:
             self.selector = None  # type: ignore[assignment]
             self.model = None  # type: ignore[assignment]
             self.proxy = None
+            self.irreducible = None
+            self.irreducible_losses = {}

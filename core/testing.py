@@ -80,6 +80,11 @@ def _session(strategy: str, options: dict[str, Any], seed: int, micro_batch: int
         torch.manual_seed(seed)
         model = build_model(TINY_MODEL, **TINY_KWARGS)
     session.load_checkpoint(make_checkpoint(TINY_MODEL, TINY_KWARGS, model, version=1), version=1)
+    if "irreducible_loss" in session.signals:  # RHO-LOSS: a second model, as the trainer would push it
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            irreducible = build_model(TINY_MODEL, **TINY_KWARGS)
+        session.load_irreducible(irreducible.state_dict())
     return session
 
 

@@ -19,7 +19,8 @@ from dataselect.errors import InvalidArgument
 from dataselect.names import MODES, SIGNALS, parse_bool
 
 #: Training modes and signal names live in `dataselect.names` (one spelling for CLIs, engine and plugins).
-__all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Selector"]
+__all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Selector",
+           "IrreducibleTraining"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,21 @@ class RunPlan:
     batch_size: int = 0
     #: --select-fraction: the share of each pool (online) or of the training set trained on.
     select_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class IrreducibleTraining:
+    """How the trainer trains the irreducible-loss model a strategy asks for (see `Selector.irreducible_training`).
+
+    The trainer holds out the ids of `dataselect.holdout.HoldOut(share, session seed)`, trains a freshly
+    initialised copy of the model on them for `epochs` epochs with AdamW (`lr`, `weight_decay`), counts the
+    time as selection cost, and pushes the weights to the scorer, which computes each sample's loss under
+    them once (the signal `irreducible_loss`)."""
+
+    share: float
+    epochs: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 0.01
 
 
 @dataclass
@@ -260,6 +276,12 @@ class Selector:
             "select_kind": cls.select_kind,
             "options": {k: v.describe() for k, v in cls.options.items()},
         }
+
+    @classmethod
+    def irreducible_training(cls, options: dict[str, Any]) -> IrreducibleTraining | None:
+        """For a strategy whose `signals` hold `irreducible_loss`: how the trainer trains the model behind it,
+        from the resolved options. Default None (no such model)."""
+        return None
 
     @classmethod
     def plan(cls, options: dict[str, Any], run: RunPlan) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataselect.plugins.strategies.report_based import (
     InfoBatchSelector,
     SelectiveBackpropSelector,
 )
+from dataselect.plugins.strategies.rho_loss import RhoLossSelector
 from dataselect.plugins.strategies.signal_based import DynaMSSelector, HighGradientSelector, HighInfluenceSelector
 from dataselect.plugins.strategies.tracin import TracInSelector
 
@@ -20,4 +21,5 @@ STRATEGIES = [
     InfoBatchSelector,
     TracInSelector,
     GlisterSelector,
+    RhoLossSelector,
 ]

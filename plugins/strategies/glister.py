@@ -8,19 +8,10 @@ import warnings
 
 import torch
 
+from dataselect.holdout import HoldOut
 from dataselect.plugins.base import Option, Pool, RunPlan, Selection, Selector
 from dataselect.plugins.policies import apply_policy
 from dataselect.plugins.strategies.warmup import fit_warmup
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """A 64-bit integer hash (the splitmix64 finaliser): spreads ids evenly over [0, 2^64)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def last_layer_inputs(features: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -177,9 +168,7 @@ class GlisterSelector(Selector):
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
         self.signals = frozenset({"logits"} if self.opts["gradient"] == "bias" else {"logits", "features"})
-        self._held: dict[int, bool] = {}
-        self._salt = _mix64(int(self.context.seed) & _MASK64)
-        self._cut = self.opts["validation"] * float(1 << 64)
+        self._held_out = HoldOut(self.opts["validation"], self.context.seed)
 
     @classmethod
     def plan(cls, options, run: RunPlan):
@@ -193,14 +182,8 @@ class GlisterSelector(Selector):
         return options
 
     def held_out(self, ids: torch.Tensor) -> torch.Tensor:
-        """True for the ids in the validation share (fixed by id and seed)."""
-        out = []
-        for i in ids.tolist():
-            h = self._held.get(i)
-            if h is None:
-                h = self._held[i] = _mix64((i & _MASK64) ^ self._salt) < self._cut
-            out.append(h)
-        return torch.tensor(out, dtype=torch.bool)
+        """True for the ids in the validation share (fixed by id and seed: `dataselect.holdout`)."""
+        return self._held_out(ids)
 
     def select(self, pool: Pool, budget: int, policy: str) -> Selection:
         n = len(pool)
