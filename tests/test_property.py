@@ -8,16 +8,19 @@ from dataselect.plugins.base import Progress
 from dataselect.scoring import PoolChunk, ScoringSession
 
 MODEL_KW = dict(num_classes=4, in_channels=1, image_size=8, mean=(0.5,), std=(0.5,))
-FIXED = [("random", {}), ("high_loss", {}), ("tracin", {}), ("glister", {}), ("high_gradient", {}), ("high_gradient", {"scope": "full"}),
+FIXED = [("random", {}), ("high_loss", {}), ("tracin", {}), ("glister", {}), ("rho_loss", {}), ("high_gradient", {}), ("high_gradient", {"scope": "full"}),
          ("high_influence", {}), ("dynams", {}), ("dynams", {"kind": "logit"}), ("mrmc", {"warmup_epochs": 2}),
          ("importance_sampling", {"warmup_epochs": 0})]
 VARIABLE = [("selective_backprop", {}), ("infobatch", {}), ("dynams", {"schedule": "power"})]
 _STATE = build_model("mlp", **MODEL_KW).state_dict()
+_IRREDUCIBLE = build_model("mlp", **MODEL_KW).state_dict()
 
 
 def session(name, opts, seed):
     s = ScoringSession(name, opts, "mlp", MODEL_KW, num_classes=4, seed=seed)
     s.load_state_dict(_STATE, 1)
+    if "irreducible_loss" in s.signals:
+        s.load_irreducible(_IRREDUCIBLE)
     return s
 
 
