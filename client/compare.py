@@ -56,7 +56,7 @@ import click
 
 from dataselect.client.costs import time_to_target
 from dataselect.errors import DataselectError, InvalidArgument
-from dataselect.plugins import get_model_builder, get_selector, selectors
+from dataselect.registry import get_model_builder, get_selector, selectors
 
 FULL = "full"
 """Label of the full-data baseline in paths, tables and plots."""

@@ -55,7 +55,7 @@ from torch import nn
 
 from dataselect.client.scorer import ScoreReply, ScorerCounters
 from dataselect.errors import DataselectError, InvalidArgument
-from dataselect.plugins.base import Progress
+from dataselect.strategy import Progress
 
 #: Set to 1 to make rank 0 write `trained_ids.pt` ({rank: {epoch: ids trained}}) next to the summary.
 RECORD_ENV = "DATASELECT_RECORD_TRAINED_IDS"

@@ -19,7 +19,7 @@ from torch import nn
 from dataselect.errors import InvalidArgument
 from dataselect.holdout import HoldOut
 from dataselect.models import build_model
-from dataselect.plugins.base import IrreducibleTraining
+from dataselect.strategy import IrreducibleTraining
 
 
 def fresh_copy(model: nn.Module, registered: tuple[str, dict] | None, seed: int) -> nn.Module:

@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import click
 
+from dataselect import registry
 from dataselect.cli import run_command
 from dataselect.client.compare import compare_command
 
@@ -21,10 +22,8 @@ def cli() -> None:
 
 
 def _strategy_rows() -> list[dict]:
-    from dataselect.plugins import selectors
-
     rows = []
-    for name, reg in selectors().items():
+    for name, reg in registry.selectors().items():
         info = reg.obj.info()
         rows.append({**info, "name": name, "plugin": reg.plugin, "distribution": reg.distribution, "version": reg.version})
     return rows
@@ -61,9 +60,7 @@ def strategies(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def plugins(as_json: bool) -> None:
     """List loaded plugins: name, distribution, version, hooks, and load errors."""
-    from dataselect.plugins import plugins as loaded
-
-    rows = loaded()
+    rows = registry.plugins()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -76,11 +73,9 @@ def plugins(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def models(as_json: bool) -> None:
     """List the registered model architectures (`dataselect-train --model NAME`)."""
-    from dataselect.plugins import models as registered
-
     rows = [{"name": name, "plugin": reg.plugin, "distribution": reg.distribution, "version": reg.version,
              "description": (getattr(reg.obj, "__doc__", None) or "").strip().splitlines()[0:1]}
-            for name, reg in registered().items()]
+            for name, reg in registry.models().items()]
     for row in rows:
         row["description"] = row["description"][0] if row["description"] else ""
     if as_json:
@@ -94,10 +89,8 @@ def models(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def datasets(as_json: bool) -> None:
     """List the registered datasets (`dataselect-train --dataset NAME[:ARG]`)."""
-    from dataselect.plugins import datasets as registered
-
     rows = []
-    for name, reg in registered().items():
+    for name, reg in registry.datasets().items():
         argument = getattr(reg.obj, "argument", None)
         doc = (getattr(reg.obj, "__doc__", None) or "").strip().splitlines()
         rows.append({"name": f"{name}:{argument}" if argument else name, "plugin": reg.plugin,

@@ -38,8 +38,8 @@ from dataselect import codec
 from dataselect.checkpoint import CHECKPOINT_DTYPES, FORMAT, to_bytes
 from dataselect.client.scorer import EmbeddedScorer, ScoreReply, ScorerCounters, SessionInfo, SessionSpec
 from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, NotFound
-from dataselect.plugins.base import Progress
 from dataselect.status import error_for
+from dataselect.strategy import Progress
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 

@@ -68,7 +68,9 @@ from dataselect.client.scorer import (
     average_diagnostics,
 )
 from dataselect.errors import DataselectError, InvalidArgument, PluginError
-from dataselect.plugins.base import Progress
+from dataselect.policies import apply_policy
+from dataselect.registry import get_selector
+from dataselect.strategy import Progress
 
 log = logging.getLogger("dataselect.client")
 
@@ -181,8 +183,6 @@ def apportion(budget: int, sizes: list[int]) -> list[int]:
 
 def merge_kind(strategy: str) -> str:
     """"exact" when the strategy's selection is score-then-policy (scores can be merged), else "proportional"."""
-    from dataselect.plugins import get_selector
-
     return "exact" if get_selector(strategy).select_kind == "score_then_policy" else "proportional"
 
 
@@ -573,8 +573,6 @@ class ReplicatedScorer:
             if scores is None or bool(torch.isnan(scores).any()):
                 raise PluginError(f"strategy {self.spec.strategy!r}: a replica returned no scores, so the budget "
                                   "cannot be applied over the whole pool (exact merge needs score-then-policy strategies)")
-            from dataselect.plugins.policies import apply_policy
-
             sel = apply_policy(self.info.policy, scores, labels.long(), budget, self._policy_generator)
             return ScoreReply(selected_ids=ids[sel.indices], weights=sel.weights,
                               scores=scores if return_scores else None, checkpoint_version=version,

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Protocol
 import torch
 from torch import nn
 
-from dataselect.plugins.base import Progress
 from dataselect.scoring import PoolChunk, ScoringSession
+from dataselect.strategy import Progress
 
 
 @dataclass

@@ -50,10 +50,10 @@ from dataselect.client.irreducible import fresh_copy, held_out_positions, train_
 from dataselect.client.pipeline import ScorerPipeline
 from dataselect.client.scorer import EmbeddedScorer, ScoreReply, Scorer, SessionSpec, unwrap_model
 from dataselect.errors import InvalidArgument, PluginError
-from dataselect.plugins import get_selector
 from dataselect.names import MODES
-from dataselect.plugins.base import Progress, RunPlan
-from dataselect.plugins.policies import POLICIES
+from dataselect.policies import POLICIES
+from dataselect.registry import get_selector
+from dataselect.strategy import Progress, RunPlan
 
 #: Overlap never asks for more than this many pools ahead.
 MAX_POOLS_AHEAD = 8

@@ -28,7 +28,6 @@ from dataselect.checkpoint import CHECKPOINT_DTYPES, load_checkpoint, load_state
 from dataselect.client import distributed as _distributed
 from dataselect.client.costs import Costs, format_cost_table, selection_payoff
 from dataselect.client.session import EngineOptions, RemoteOptions, Session, weighted_loss
-from dataselect.datasets import check_dataset_spec, open_dataset
 from dataselect.client.training import (
     RESUME_FILE,
     Evaluator,
@@ -40,12 +39,13 @@ from dataselect.client.training import (
     save_resume_point,
     write_json_atomic,
 )
+from dataselect.datasets import check_dataset_spec, open_dataset
 from dataselect.engine import resolve_device, synchronize
 from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
-from dataselect.plugins import get_model_builder, get_selector
 from dataselect.names import MODES, PRECISIONS, SCHEDULES
-from dataselect.plugins.policies import POLICIES
+from dataselect.policies import POLICIES
+from dataselect.registry import get_model_builder, get_selector
 
 __all__ = ["TrainConfig", "train", "resume", "validate_config", "format_cost_table", "weighted_loss", "Costs"]
 

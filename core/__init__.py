@@ -18,7 +18,9 @@ The package root is the Python API (see the README, "Use from Python"):
 Names are imported when first used, so `import dataselect` stays cheap (no torch
 until something needs it). `dataselect.server` is the scoring service,
 `dataselect.client` the transports and the trainer, `dataselect.plugins` the
-plugin system and the built-in strategies.
+built-in plugins and strategies. The strategy API (`dataselect.strategy`,
+`dataselect.policies`), the hook specifications (`dataselect.hookspecs`) and the
+plugin registry (`dataselect.registry`) are part of this core package.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dataselect.plugins.hookspecs import hookimpl
+from dataselect.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -40,13 +42,13 @@ _EXPORTS = {
     "SelectionLoader": "dataselect.client.loader",
     "SelectionSampler": "dataselect.client.loader",
     "WithIds": "dataselect.client.loader",
-    "Selector": "dataselect.plugins.base",
-    "Option": "dataselect.plugins.base",
-    "Pool": "dataselect.plugins.base",
-    "Report": "dataselect.plugins.base",
-    "Selection": "dataselect.plugins.base",
-    "Progress": "dataselect.plugins.base",
-    "RunPlan": "dataselect.plugins.base",
+    "Selector": "dataselect.strategy",
+    "Option": "dataselect.strategy",
+    "Pool": "dataselect.strategy",
+    "Report": "dataselect.strategy",
+    "Selection": "dataselect.strategy",
+    "Progress": "dataselect.strategy",
+    "RunPlan": "dataselect.strategy",
     "build_model": "dataselect.models",
     "list_models": "dataselect.models",
     "export_model": "dataselect.exported",

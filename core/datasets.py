@@ -48,8 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from dataselect import registry
 from dataselect.errors import InvalidArgument, PluginError
 
 DATA_ENV = "DATASELECT_DATA"
@@ -253,8 +255,6 @@ class ToUint8:
     """A PIL image or array as a uint8 tensor `[C, H, W]` (grayscale: C=1; colour: C=3); tensors pass through."""
 
     def __call__(self, image):
-        import numpy as np
-
         if isinstance(image, torch.Tensor):
             return image
         if isinstance(image, np.ndarray):
@@ -370,16 +370,12 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def dataset_names() -> list[str]:
     """The registered datasets, those that take an argument shown as NAME:ARGUMENT (`imagefolder:DIR`)."""
-    from dataselect.plugins import _dataset_label, datasets
-
-    return [_dataset_label(name, reg.obj) for name, reg in datasets().items()]
+    return [registry._dataset_label(name, reg.obj) for name, reg in registry.datasets().items()]
 
 
 def _loader_for(spec: str) -> tuple[str, str | None, Callable]:
-    from dataselect.plugins import get_dataset_loader
-
     name, argument = parse_spec(spec)
-    loader = get_dataset_loader(name)
+    loader = registry.get_dataset_loader(name)
     metavar = getattr(loader, "argument", None)
     if metavar and not argument:
         raise InvalidArgument(f"dataset {name!r} needs an argument: --dataset {name}:{metavar}")
@@ -503,9 +499,8 @@ def _random_subset(total: int, n: int, seed: int, purpose: str) -> torch.Tensor:
 
 
 def _validate(name: str, source: Any) -> None:
-    from dataselect.plugins import datasets
-
-    plugin = datasets()[name].plugin if name in datasets() else "?"
+    registered = registry.datasets()
+    plugin = registered[name].plugin if name in registered else "?"
     where = f"dataset {name!r} (plugin {plugin!r})"
     if not isinstance(source, DataSource):
         raise PluginError(f"{where}: the loader returned {type(source).__name__}, not a dataselect.datasets.DataSource")

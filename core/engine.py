@@ -42,10 +42,11 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from dataselect.errors import Cancelled, InvalidArgument
-from dataselect.names import FORWARD_SIGNALS, GRAD_SIGNALS, PER_SAMPLE_GRAD_SIGNALS, PRECISIONS, parse_bool
 from dataselect.models import ScoringModel, to_unit_float
+from dataselect.names import FORWARD_SIGNALS, GRAD_SIGNALS, PER_SAMPLE_GRAD_SIGNALS, PRECISIONS, parse_bool
 
 
 #: Memory allowed for one chunk of per-sample parameter gradients.
@@ -394,8 +395,6 @@ LAYERWISE_CHUNK = 64
 
 def _per_sample_grad_norm_vmap(sm: ScoringModel | nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     sm = as_scoring_model(sm)
-    from torch.func import functional_call, grad, vmap
-
     model = sm.module
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}

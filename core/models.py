@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from dataselect import registry
 from dataselect.errors import InvalidArgument
 
 
@@ -95,8 +96,6 @@ class Slimmable:
     @classmethod
     def slim_kwargs(cls, kwargs: dict, ratio: float) -> dict:
         """The builder kwargs of the same architecture with `ratio` of each width (at least 2)."""
-        import inspect
-
         params = inspect.signature(cls).parameters
         out = dict(kwargs)
         for name in cls.slim_widths:
@@ -229,9 +228,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
     in `Normalized` so that it sees normalised float images like the
     protocol models do.
     """
-    from dataselect.plugins import get_model_builder
-
-    builder = get_model_builder(name)
+    builder = registry.get_model_builder(name)
     given = accepted_kwargs(builder, kwargs)
     while True:
         try:
@@ -396,9 +393,7 @@ class ScoringModel:
 
 
 def list_models() -> list[str]:
-    from dataselect.plugins import models
-
-    return list(models())
+    return list(registry.models())
 
 
 def input_dtype(scoring: "ScoringModel") -> torch.dtype:

@@ -36,16 +36,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from dataselect import registry
 from dataselect.errors import InvalidArgument
+from dataselect.models import build_model
 
 #: Pool samples used to re-estimate the slim model's batch-norm statistics.
 CALIBRATION_SAMPLES = 256
 
 
 def _builder(model_name: str):
-    from dataselect.plugins import get_model_builder
-
-    return get_model_builder(model_name)
+    return registry.get_model_builder(model_name)
 
 
 def supports_proxy(model_name: str) -> bool:
@@ -55,9 +55,7 @@ def supports_proxy(model_name: str) -> bool:
 
 def proxy_models() -> list[str]:
     """Registered models that have a parameter-sharing sub-network."""
-    from dataselect.plugins import models
-
-    return [name for name, reg in models().items() if callable(getattr(reg.obj, "slim_kwargs", None))]
+    return [name for name, reg in registry.models().items() if callable(getattr(reg.obj, "slim_kwargs", None))]
 
 
 def check_ratio(ratio: float, who: str = "proxy") -> float:
@@ -73,8 +71,6 @@ def build_proxy(model_name: str, kwargs: dict[str, Any], ratio: float, *, full: 
 
     Raises InvalidArgument naming the models that have one when this model does not.
     """
-    from dataselect.models import build_model
-
     ratio = check_ratio(ratio, who)
     slim_kwargs = getattr(_builder(model_name), "slim_kwargs", None)
     if not callable(slim_kwargs):

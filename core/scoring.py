@@ -8,6 +8,7 @@ strategy behaves identically with or without a server.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import threading
@@ -42,10 +43,10 @@ from dataselect.errors import (
 )
 from dataselect.models import ScoringModel, build_model, input_dtype
 from dataselect.names import SESSION_SIGNALS
-from dataselect.plugins import get_selector
-from dataselect.plugins.base import Pool, Progress, Report, Selection, SessionContext
-from dataselect.plugins.policies import POLICIES, VARIABLE_SIZE_POLICIES
+from dataselect.policies import POLICIES, VARIABLE_SIZE_POLICIES, apply_policy
 from dataselect.proxy import SessionProxy
+from dataselect.registry import get_model_builder, get_selector, selectors
+from dataselect.strategy import Pool, Progress, Report, Selection, SessionContext
 
 log = logging.getLogger("dataselect.scoring")
 
@@ -302,10 +303,6 @@ class ScoringSession:
         if not self.registered:  # an exported program knows its input; another module does not say
             shape = getattr(self.model, "input_shape", None) if self.scoring_model.exported else None
             return None if shape is None else tuple(int(d) for d in shape)
-        import inspect
-
-        from dataselect.plugins import get_model_builder
-
         try:
             params = inspect.signature(get_model_builder(self.model_name)).parameters
         except (TypeError, ValueError):
@@ -559,9 +556,6 @@ class ScoringSession:
 
     def _run_strategy(self, pool: Pool, budget: int, policy: str) -> Selection:
         """Run the strategy; whatever it gets wrong becomes a PluginError naming it and its plugin."""
-        from dataselect.plugins import selectors
-        from dataselect.plugins.policies import apply_policy
-
         try:
             try:
                 if self.selector.select_kind == "score_then_policy":

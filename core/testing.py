@@ -33,6 +33,7 @@ It works on any registered strategy: built-in, registered at run time
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -42,8 +43,9 @@ import torch
 from dataselect.checkpoint import make_checkpoint
 from dataselect.errors import DataselectError, InvalidArgument
 from dataselect.models import build_model
-from dataselect.plugins.base import Progress
+from dataselect.registry import get_selector, selectors
 from dataselect.scoring import PoolChunk, ScoringSession
+from dataselect.strategy import Progress
 
 TINY_MODEL = "mlp"
 TINY_KWARGS = dict(num_classes=4, in_channels=1, image_size=8, mean=(0.5,), std=(0.25,))
@@ -210,10 +212,6 @@ def check_strategy(strategy: str, options: dict[str, Any] | None = None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from dataselect.plugins import get_selector, selectors
-
     parser = argparse.ArgumentParser(prog="python -m dataselect.testing",
                                      description="Check that selection strategies follow dataselect's selection contract.")
     parser.add_argument("strategies", nargs="*", help="registered strategy names")

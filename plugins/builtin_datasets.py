@@ -20,17 +20,21 @@ size and a horizontal flip.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import dataselect
 from dataselect.datasets import (
     GRAYSCALE_MODES,
+    STATS_SAMPLE,
     Augmented,
     AugmentedSplit,
     DatasetInfo,
@@ -133,18 +137,12 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays may be stored here")
-        import importlib
-
-        import numpy as np
-
         if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
             module = "numpy._core." + module[len("numpy.core."):]
         return getattr(importlib.import_module(module), name)
 
 
 def _read_cifar_batches(paths: list[Path], label_key: str) -> Split:
-    import numpy as np
-
     data, labels = [], []
     for path in paths:
         try:
@@ -250,8 +248,6 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.labels
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         path = self.paths[i]
         try:
             with Image.open(path) as image:
@@ -264,8 +260,6 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def fit_square(image, size: int):
     """Resize so the shorter side is `size` (bilinear), then crop the centre `size` x `size`."""
-    from PIL import Image
-
     w, h = image.size
     if (w, h) == (size, size):
         return image
@@ -387,10 +381,6 @@ def _hold_out(paths: list[str], labels: torch.Tensor, seed: int, folder: Path):
 
 def _common_geometry(paths: list[str], seed: int) -> tuple[int, str]:
     """(side, PIL mode) from a seeded sample: the shorter side of the most common size; "L" if all are grayscale."""
-    from PIL import Image
-
-    from dataselect.datasets import STATS_SAMPLE
-
     picks = torch.randperm(len(paths), generator=generator_for(seed, "stats"))[:STATS_SAMPLE].tolist()
     sizes, gray = Counter(), True
     for i in sorted(picks):

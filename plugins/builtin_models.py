@@ -1,7 +1,7 @@
 """Built-in model architectures, registered through the public hook."""
 
+from dataselect.hookspecs import hookimpl
 from dataselect.models import BUILTIN_MODELS
-from dataselect.plugins.hookspecs import hookimpl
 
 
 @hookimpl

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dataselect.plugins.base import Pool, Selection, Selector
-from dataselect.plugins.hookspecs import hookimpl
-from dataselect.plugins.policies import apply_policy
+from dataselect.hookspecs import hookimpl
+from dataselect.plugins.strategies import STRATEGIES
+from dataselect.policies import apply_policy
+from dataselect.strategy import Pool, Selection, Selector
 
 
 class RandomSelector(Selector):
@@ -47,9 +48,6 @@ class HighLossSelector(Selector):
 
 
 def _builtin_selectors() -> list[type[Selector]]:
-    # Imported here: the strategies import plugins.policies, which imports this package.
-    from dataselect.plugins.strategies import STRATEGIES
-
     return [RandomSelector, HighLossSelector, *STRATEGIES]
 
 

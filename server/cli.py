@@ -11,7 +11,7 @@ import threading
 import click
 
 from dataselect.errors import DataselectError
-from dataselect.plugins import selectors
+from dataselect.registry import selectors
 
 log = logging.getLogger("dataselect.server")
 #: Defaults for --malloc-arena-max and --malloc-mmap-threshold-kb (benchmarks/load_test.py --memory-variants

@@ -37,11 +37,11 @@ from dataselect.errors import (
 )
 from dataselect.exported import load_exported
 from dataselect.models import build_model, input_dtype
-from dataselect.plugins import get_model_builder, models, selectors
-from dataselect.plugins.base import Progress
+from dataselect.registry import get_model_builder, models, selectors
 from dataselect.scoring import PoolChunk, ScoringSession
 from dataselect.server.auth import principal_of
 from dataselect.server.sessions import SessionStore
+from dataselect.strategy import Progress
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 

@@ -1,4 +1,4 @@
-"""Meta-test: every hook in dataselect.plugins.hookspecs has a docstring, a test,
+"""Meta-test: every hook in dataselect.hookspecs has a docstring, a test,
 and a `###` heading (with its signature and docstring) in the plugin guide (docs/plugins.md).
 
 `python tests/test_hookspecs_doc.py` prints the hook reference as docs/plugins.md
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dataselect.plugins import hook_names, hookspecs
+from dataselect import hookspecs
+from dataselect.registry import hook_names
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- plugin-guide:start -->", "<!-- plugin-guide:end -->"

@@ -41,49 +41,23 @@ COMMAND_MODULES = {"dataselect.client.main", "dataselect.client.cli", "dataselec
 
 #: Module-level imports that break the layering today, each with the change that removes it.
 #: The test fails when one is fixed and still listed, so the list stays true.
-KNOWN_VIOLATIONS = {
-    ("core/__init__.py", "dataselect.plugins.hookspecs"):
-        "hookimpl is part of the root API: the hook specifications belong to the core",
-    ("core/scoring.py", "dataselect.plugins"):
-        "the scoring session looks strategies up in the plugin registry",
-    ("core/scoring.py", "dataselect.plugins.base"):
-        "Selector, Pool, Report, Selection are the strategy API the core runs: they belong to the core",
-    ("core/scoring.py", "dataselect.plugins.policies"):
-        "the selection policies are applied by the core: they belong to the core",
-    ("core/testing.py", "dataselect.plugins.base"):
-        "the conformance kit checks strategies through the strategy API (see core/scoring.py)",
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 #: Imports inside functions that are neither optional dependencies nor start-up deferrals in a
 #: command module, as "folder/file.py: module". Most dodge the core <-> plugins and client-internal
 #: cycles; each should move to module level once its cycle is gone. Do not add to this list.
 KNOWN_DEFERRED = {
-    "core/datasets.py: numpy",
-    "core/datasets.py: dataselect.plugins",
-    "core/engine.py: torch.func",
     "core/exported.py: torch._export.serde",
     "core/exported.py: torch._export.serde.schema",
     "core/exported.py: torch._export.serde.serialize",
-    "core/models.py: inspect",
     "core/models.py: torchvision.models",
-    "core/models.py: dataselect.plugins",
-    "core/proxy.py: dataselect.plugins",
-    "core/proxy.py: dataselect.models",
     "core/proxy.py: torch.utils.flop_counter",
-    "core/scoring.py: inspect",
-    "core/scoring.py: dataselect.plugins",
-    "core/scoring.py: dataselect.plugins.policies",
-    "core/testing.py: argparse",
-    "core/testing.py: dataselect.plugins",
     "client/data.py: torchvision",
     "client/distributed.py: torch.nn.parallel",
     "client/distributed.py: dataselect.errors",
     "client/distributed.py: dataselect.client.remote",
-    "client/main.py: dataselect.plugins",
     "client/remote.py: dataselect.client.replicas",
-    "client/replicas.py: dataselect.plugins",
     "client/replicas.py: dataselect.client.remote",
-    "client/replicas.py: dataselect.plugins.policies",
     "client/session.py: dataselect.client.replicas",
     "client/session.py: dataselect.client.distributed",
     "client/session.py: dataselect.proxy",
@@ -93,15 +67,7 @@ KNOWN_DEFERRED = {
     "client/session.py: dataselect.scoring",
     "client/session.py: dataselect.client.loader",
     "client/train.py: dataselect.client.replicas",
-    "plugins/__init__.py: dataselect",
-    "plugins/__init__.py: difflib",
-    "plugins/base.py: dataselect.plugins.policies",
     "plugins/builtin_datasets.py: torchvision",
-    "plugins/builtin_datasets.py: importlib",
-    "plugins/builtin_datasets.py: numpy",
-    "plugins/builtin_datasets.py: PIL",
-    "plugins/builtin_datasets.py: dataselect.datasets",
-    "plugins/builtin_selectors.py: dataselect.plugins.strategies",
 }
 
 

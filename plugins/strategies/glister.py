@@ -9,9 +9,9 @@ import warnings
 import torch
 
 from dataselect.holdout import HoldOut
-from dataselect.plugins.base import Option, Pool, RunPlan, Selection, Selector
-from dataselect.plugins.policies import apply_policy
 from dataselect.plugins.strategies.warmup import fit_warmup
+from dataselect.policies import apply_policy
+from dataselect.strategy import Option, Pool, RunPlan, Selection, Selector
 
 
 def last_layer_inputs(features: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from dataselect.errors import InvalidArgument
-from dataselect.plugins.base import Option, Pool, Progress, Report, RunPlan, Selection, Selector
-from dataselect.plugins.policies import apply_policy, topk
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
+from dataselect.policies import apply_policy, topk
+from dataselect.strategy import Option, Pool, Progress, Report, RunPlan, Selection, Selector
 
 #: The most warm-up epochs MRMC records: its loss table holds samples × warmup_epochs float64 values
 #: (60,000 samples × 100 = 48 MB); the paper warms up for 10 to 20 epochs.

@@ -16,9 +16,9 @@ from collections import deque
 
 import torch
 
-from dataselect.plugins.base import Option, Pool, Progress, Report, RunPlan, Selection, Selector
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
+from dataselect.strategy import Option, Pool, Progress, Report, RunPlan, Selection, Selector
 
 #: Upper bound of every `warmup_epochs` option: more full-data epochs than any run has.
 MAX_WARMUP_EPOCHS = 1000

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from dataselect.holdout import HoldOut
-from dataselect.plugins.base import IrreducibleTraining, Option, Pool, RunPlan, Selector
+from dataselect.strategy import IrreducibleTraining, Option, Pool, RunPlan, Selector
 
 
 class RhoLossSelector(Selector):

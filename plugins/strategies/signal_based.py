@@ -7,9 +7,9 @@ import math
 import torch
 
 from dataselect.errors import InvalidArgument
-from dataselect.plugins.base import Option, Pool, RunPlan, Selection, Selector
-from dataselect.plugins.policies import apply_policy
 from dataselect.plugins.strategies.warmup import fit_warmup
+from dataselect.policies import apply_policy
+from dataselect.strategy import Option, Pool, RunPlan, Selection, Selector
 
 
 class HighGradientSelector(Selector):

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from dataselect.plugins.base import Option, Pool, Progress, RunPlan, Selector
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
+from dataselect.strategy import Option, Pool, Progress, RunPlan, Selector
 
 
 def step_size(schedule: str, progress: Progress) -> float:

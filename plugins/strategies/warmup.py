@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 from dataselect.errors import InvalidArgument
-from dataselect.plugins.base import RunPlan
+from dataselect.strategy import RunPlan
 
 
 def warmup_span(warmup: float, mode: str) -> float:
