@@ -52,7 +52,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from dataselect import errors
+from dataselect.client.remote import ServerUnavailable
 from dataselect.client.scorer import ScoreReply, ScorerCounters
 from dataselect.errors import DataselectError, InvalidArgument
 from dataselect.strategy import Progress
@@ -167,8 +170,6 @@ class DistContext:
     def wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel around `model` (the trainer keeps the unwrapped one for
         evaluation, checkpoint pushes and resume points)."""
-        from torch.nn.parallel import DistributedDataParallel
-
         if self.device.type == "cuda":
             return DistributedDataParallel(model, device_ids=[self.device.index], output_device=self.device.index)
         return DistributedDataParallel(model)
@@ -261,9 +262,6 @@ _ERRORS: dict[str, type[DataselectError]] = {}
 
 def _error_class(name: str) -> type[DataselectError]:
     if not _ERRORS:
-        from dataselect import errors
-        from dataselect.client.remote import ServerUnavailable
-
         for obj in (*vars(errors).values(), ServerUnavailable):
             if isinstance(obj, type) and issubclass(obj, DataselectError):
                 _ERRORS[obj.__name__] = obj

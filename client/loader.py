@@ -40,13 +40,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from dataselect.client.session import Batch, Pending, Session
+from dataselect.client.batch import Batch, Pending
 from dataselect.errors import InvalidArgument
 from dataselect.scoring import PoolChunk
+
+if TYPE_CHECKING:
+    from dataselect.client.session import Session
 
 #: Samples per chunk when a data set that is not in memory is scored as a whole.
 SCORE_CHUNK = 1024

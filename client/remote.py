@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -50,6 +51,44 @@ ON_SERVER_FAILURE = ("retry", "fallback")
 
 log = logging.getLogger("dataselect.client")
 T = TypeVar("T")
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+#: grpc target forms passed through as they are (a Unix socket, an explicit resolver).
+GRPC_TARGET_PREFIXES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")
+
+
+def address_error(entry: str) -> str | None:
+    """Why `entry` is not a usable HOST:PORT (None when it is), with the likely fix."""
+    if entry.startswith(GRPC_TARGET_PREFIXES):
+        return None
+    if "://" in entry:
+        scheme, _, rest = entry.partition("://")
+        return (f"{entry!r} is a URL; give HOST:PORT without the scheme {scheme + '://'!r}, "
+                f"e.g. {rest.rstrip('/') or '127.0.0.1:50051'}")
+    m = _HOST_PORT.match(entry)
+    if m is None:
+        if ":" not in entry:
+            digits = re.match(r"^(.*?[^\d])(\d{2,5})$", entry)
+            hint = f"; did you mean {digits.group(1)}:{digits.group(2)}?" if digits else ""
+            return f"{entry!r} has no port: give HOST:PORT, e.g. 127.0.0.1:50051{hint}"
+        return f"{entry!r} is not HOST:PORT (port 1-65535)"
+    if not 1 <= int(m.group(2)) <= 65535:
+        return f"{entry!r} is not HOST:PORT (port 1-65535)"
+    return None
+
+
+def check_address(address: str) -> str:
+    """`address` if it is one usable HOST:PORT, else InvalidArgument saying how to write it (no network)."""
+    address = str(address).strip()
+    if "," in address:
+        raise InvalidArgument(f"{address!r} names several servers; one scorer talks to one HOST:PORT "
+                              "(the trainer's --server host1:50051,host2:50051 spreads pools over replicas)")
+    problem = address_error(address) if address else "the address is empty"
+    if problem is not None:
+        raise InvalidArgument(f"--server: {problem}")
+    return address
 
 
 class ServerUnavailable(DataselectError):
@@ -108,8 +147,6 @@ class RemoteScorer:
                  checkpoint_delta: bool = False):
         if on_server_failure not in ON_SERVER_FAILURE:
             raise InvalidArgument(f"on_server_failure must be one of {', '.join(ON_SERVER_FAILURE)}, got {on_server_failure!r}")
-        from dataselect.client.replicas import check_address
-
         address = check_address(address)  # a malformed address fails now, not after the connect timeout
         self.address = address
         self.spec = spec

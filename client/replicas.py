@@ -49,7 +49,6 @@ replicas for `retry_seconds` and then fails.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dataselect.client.remote import RemoteScorer, ServerUnavailable, address_error
 from dataselect.client.scorer import (
     EmbeddedScorer,
     ScoreReply,
@@ -75,43 +75,6 @@ from dataselect.strategy import Progress
 log = logging.getLogger("dataselect.client")
 
 MERGES = ("exact", "proportional")
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
-
-
-#: grpc target forms passed through as they are (a Unix socket, an explicit resolver).
-GRPC_TARGET_PREFIXES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")
-
-
-def address_error(entry: str) -> str | None:
-    """Why `entry` is not a usable HOST:PORT (None when it is), with the likely fix."""
-    if entry.startswith(GRPC_TARGET_PREFIXES):
-        return None
-    if "://" in entry:
-        scheme, _, rest = entry.partition("://")
-        return (f"{entry!r} is a URL; give HOST:PORT without the scheme {scheme + '://'!r}, "
-                f"e.g. {rest.rstrip('/') or '127.0.0.1:50051'}")
-    m = _HOST_PORT.match(entry)
-    if m is None:
-        if ":" not in entry:
-            digits = re.match(r"^(.*?[^\d])(\d{2,5})$", entry)
-            hint = f"; did you mean {digits.group(1)}:{digits.group(2)}?" if digits else ""
-            return f"{entry!r} has no port: give HOST:PORT, e.g. 127.0.0.1:50051{hint}"
-        return f"{entry!r} is not HOST:PORT (port 1-65535)"
-    if not 1 <= int(m.group(2)) <= 65535:
-        return f"{entry!r} is not HOST:PORT (port 1-65535)"
-    return None
-
-
-def check_address(address: str) -> str:
-    """`address` if it is one usable HOST:PORT, else InvalidArgument saying how to write it (no network)."""
-    address = str(address).strip()
-    if "," in address:
-        raise InvalidArgument(f"{address!r} names several servers; one scorer talks to one HOST:PORT "
-                              "(the trainer's --server host1:50051,host2:50051 spreads pools over replicas)")
-    problem = address_error(address) if address else "the address is empty"
-    if problem is not None:
-        raise InvalidArgument(f"--server: {problem}")
-    return address
 
 
 def parse_servers(text: str) -> list[str]:
@@ -229,8 +192,6 @@ class ReplicatedScorer:
         self.revive_seconds = float(revive_seconds)
         self.merge = merge or merge_kind(spec.strategy)
         if connect is None:
-            from dataselect.client.remote import RemoteScorer
-
             def connect(address: str, retry: float, timeout: float):
                 return RemoteScorer(address, spec, retry_seconds=retry, connect_timeout=timeout,
                                     on_server_failure="retry", **remote_kwargs)
@@ -553,8 +514,6 @@ class ReplicatedScorer:
                     return
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 5.0)
-        from dataselect.client.remote import ServerUnavailable
-
         raise ServerUnavailable(f"every scoring replica is down ({', '.join(self.addresses)}; last error: {cause}); "
                                 f"gave up after {self.retry_seconds:g}s: restart them, or use --on-server-failure fallback")
 
@@ -608,6 +567,4 @@ def _part(t: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor | None:
 
 def _is_unavailable(exc: BaseException) -> bool:
     """A replica that cannot be reached (after its own short reconnect budget) or did not answer in time."""
-    from dataselect.client.remote import ServerUnavailable
-
     return isinstance(exc, ServerUnavailable)

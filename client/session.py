@@ -45,14 +45,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataselect.client.batch import Batch, Chosen, Pending
 from dataselect.client.costs import Costs
+from dataselect.client.distributed import DistributedScorer
 from dataselect.client.irreducible import fresh_copy, held_out_positions, train_irreducible
+from dataselect.client.loader import SelectionLoader, SelectionSampler, as_data
 from dataselect.client.pipeline import ScorerPipeline
-from dataselect.client.scorer import EmbeddedScorer, ScoreReply, Scorer, SessionSpec, unwrap_model
+from dataselect.client.remote import RemoteScorer
+from dataselect.client.replicas import open_replicated, parse_servers
+from dataselect.client.scorer import EmbeddedScorer, Scorer, SessionSpec, unwrap_model
 from dataselect.errors import InvalidArgument, PluginError
+from dataselect.exported import export_model
+from dataselect.models import ScoringModel
 from dataselect.names import MODES
 from dataselect.policies import POLICIES
+from dataselect.proxy import build_proxy, proxy_logits
 from dataselect.registry import get_selector
+from dataselect.scoring import PoolChunk
 from dataselect.strategy import Progress, RunPlan
 
 #: Overlap never asks for more than this many pools ahead.
@@ -93,48 +102,6 @@ class RemoteOptions:
     checkpoint_dtype: str = "float32"
     #: Push only the tensors that changed since the previous push.
     checkpoint_delta: bool = False
-
-
-@dataclass
-class Chosen:
-    """What a Select chose from a candidate pool: `rows` index the pool as given."""
-
-    rows: torch.Tensor  # int64 [k]; repeats when the strategy draws with replacement
-    ids: torch.Tensor  # int64 [k]
-    weights: torch.Tensor | None  # float32 [k] loss multipliers, or None (all 1)
-
-
-class Batch(tuple):
-    """One training step's samples: unpacks as `(inputs, targets)`, and carries `ids` (data set
-    indices), `weights` (loss multipliers, or None) and `progress` (for the reports)."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    ids: torch.Tensor
-    weights: torch.Tensor | None
-    progress: Progress
-
-    def __new__(cls, inputs, targets, ids, weights=None, progress=None):
-        self = super().__new__(cls, (inputs, targets))
-        self.inputs, self.targets, self.ids, self.weights = inputs, targets, ids, weights
-        self.progress = progress or Progress()
-        return self
-
-    def __reduce__(self):  # a tuple subclass with attributes: keep them when pickled
-        return (Batch, (self.inputs, self.targets, self.ids, self.weights, self.progress))
-
-
-@dataclass
-class Pending:
-    """A Select that was asked for; `Session.wait` returns its `Chosen`."""
-
-    ids: torch.Tensor
-    budget: int
-    #: The share of the pool to keep at least (the ramp's, for self-sized strategies); 0: no floor.
-    keep: float = 0.0
-    reply: ScoreReply | None = None
-    future: Any = None
-    seconds: float = 0.0
 
 
 def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -249,8 +216,6 @@ class Session:
         self.dataset = dataset
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
         if self.server:
-            from dataselect.client.replicas import parse_servers
-
             parse_servers(self.server)  # a bad entry fails now, not at the first Select
         #: False: every sample is trained on and nothing is scored (fraction 1 and a budgeted strategy).
         self.scoring = not (self.fraction >= 1.0 and not self.cls.self_sized)
@@ -349,8 +314,6 @@ class Session:
             spec.model_name, spec.model = type(module).__name__, module
         device = self.device or _device_of(module)
         if self.dist is not None:
-            from dataselect.client.distributed import DistributedScorer
-
             self.scorer = DistributedScorer(self.dist, lambda: self._open_scorer(spec, device, registered))
         else:
             self.scorer = self._open_scorer(spec, device, registered)
@@ -361,8 +324,6 @@ class Session:
         self.ramp_steps = default_ramp if self.ramp_requested is None else self.ramp_requested
         info = self.scorer.info
         if info.proxy_width_ratio:
-            from dataselect.proxy import build_proxy
-
             name, kwargs = registered if registered is not None else (None, None)
             if name is None:
                 raise InvalidArgument(f"strategy {self.strategy!r} trains a parameter-sharing proxy, which needs a "
@@ -389,8 +350,6 @@ class Session:
         call it yourself only when you select with `session.select`. A fresh copy of your model trains
         (see `dataselect.client.irreducible`); its time is a selection cost (`costs.irreducible_seconds`,
         also within `costs.score_seconds`). A resumed session pushes the weights it saved instead."""
-        from dataselect.client.loader import as_data
-
         if not self.is_open:
             self.open()
         plan = self.irreducible_plan
@@ -415,8 +374,6 @@ class Session:
 
     def _export(self, module: nn.Module, example: torch.Tensor | None) -> tuple[str, bytes]:
         """The module as a `torch.export` archive for a server, and the name it goes by there."""
-        from dataselect.exported import export_model
-
         if example is None:
             raise InvalidArgument(
                 f"scoring {type(module).__name__} on a server ships it as an exported program, which needs an example "
@@ -433,19 +390,13 @@ class Session:
                                   channels_last=e.channels_last, compile=e.compile)
         r = self.remote_options
         if "," in self.server:
-            from dataselect.client.replicas import open_replicated
-
             return open_replicated(_RemoteConfig(self.server, r), spec, device)
-        from dataselect.client.remote import RemoteScorer  # grpc loads only when a server is used
-
         return RemoteScorer(self.server, spec, token_file=r.token_file, tls_ca=r.tls_ca,
                             retry_seconds=r.retry_seconds, on_server_failure=r.on_server_failure,
                             fallback_device=device, checkpoint_dtype=r.checkpoint_dtype,
                             checkpoint_delta=r.checkpoint_delta)
 
     def _infer_num_classes(self, example: torch.Tensor | None) -> int:
-        from dataselect.models import ScoringModel
-
         module = unwrap_model(self.model)
         last = None
         if self.last_layer is not None:
@@ -670,8 +621,6 @@ class Session:
         if hasattr(scorer, "select_chunks"):
             call = (scorer.select_chunks, recorded(), budget, progress)
         else:  # transports that take one pool: gather it first
-            from dataselect.scoring import PoolChunk
-
             parts = list(recorded())
             pool = PoolChunk(ids=torch.cat([c.ids for c in parts]), labels=torch.cat([c.labels.long() for c in parts]),
                              inputs=None if parts[0].inputs is None else torch.cat([c.inputs for c in parts]))
@@ -747,8 +696,6 @@ class Session:
         weights = None if batch is None else batch.weights
         loss = weighted_loss(per_sample, weights)
         if self.proxy is not None and targets is not None:
-            from dataselect.proxy import proxy_logits
-
             x = inputs if inputs is not None else batch.inputs.to(targets.device)
             proxy_per_sample = F.cross_entropy(proxy_logits(unwrap_model(self.model), self.proxy, x).float(), targets,
                                                reduction="none")
@@ -799,14 +746,10 @@ class Session:
     # -- the loaders --------------------------------------------------------------------------
     def loader(self, dataset: Any, batch_size: int = 64, **kwargs) -> "SelectionLoader":
         """An iterable over one epoch of the strategy's choice of `dataset` at a time; see `SelectionLoader`."""
-        from dataselect.client.loader import SelectionLoader
-
         return SelectionLoader(self, dataset, batch_size=batch_size, **kwargs)
 
     def batch_sampler(self, dataset: Any, batch_size: int = 64, **kwargs) -> "SelectionSampler":
         """Index batches for a DataLoader of your own over `dataselect.WithIds(dataset)`; see `SelectionSampler`."""
-        from dataselect.client.loader import SelectionSampler
-
         return SelectionSampler(self, dataset, batch_size=batch_size, **kwargs)
 
     def take(self, inputs: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor) -> Batch:

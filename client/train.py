@@ -27,6 +27,7 @@ import torch
 from dataselect.checkpoint import CHECKPOINT_DTYPES, load_checkpoint, load_state
 from dataselect.client import distributed as _distributed
 from dataselect.client.costs import Costs, format_cost_table, selection_payoff
+from dataselect.client.replicas import parse_servers
 from dataselect.client.session import EngineOptions, RemoteOptions, Session, weighted_loss
 from dataselect.client.training import (
     RESUME_FILE,
@@ -147,8 +148,6 @@ def validate_config(config: TrainConfig) -> str:
     if config.lr_schedule not in SCHEDULES:
         raise InvalidArgument(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
     if config.server:
-        from dataselect.client.replicas import parse_servers
-
         parse_servers(config.server)  # a bad entry fails before any data is loaded
     get_model_builder(config.model)
     if config.policy and config.policy not in POLICIES:
