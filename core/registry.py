@@ -297,14 +297,21 @@ def _reset_for_tests() -> None:
         _collect()
 
 
+def _lookup(registry: str, kind: str, kinds: str, name: str) -> Any:
+    """The object registered under `name` in the registry `registry` (selectors or models); an unknown
+    name lists the known ones, and the plugins that failed to load."""
+    load_plugins()
+    table: dict[str, Registered] = getattr(_state, registry)
+    try:
+        return table[name].obj
+    except KeyError:
+        raise InvalidArgument(f"unknown {kind} {name!r}; known {kinds}: {', '.join(sorted(table))}"
+                              f"{_failed_note()}") from None
+
+
 def get_selector(name: str) -> type[Selector]:
     """The strategy class registered under `name`; unknown names list the known ones."""
-    load_plugins()
-    try:
-        return _state.selectors[name].obj
-    except KeyError:
-        raise InvalidArgument(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(_state.selectors))}"
-                              f"{_failed_note()}") from None
+    return _lookup("selectors", "strategy", "strategies", name)
 
 
 def selectors() -> dict[str, Registered]:
@@ -313,12 +320,7 @@ def selectors() -> dict[str, Registered]:
 
 
 def get_model_builder(name: str) -> Callable:
-    load_plugins()
-    try:
-        return _state.models[name].obj
-    except KeyError:
-        raise InvalidArgument(f"unknown model {name!r}; known models: {', '.join(sorted(_state.models))}"
-                              f"{_failed_note()}") from None
+    return _lookup("models", "model", "models", name)
 
 
 def models() -> dict[str, Registered]:
