@@ -35,7 +35,7 @@ def register_selectors(register: Callable[..., None]) -> None:
     """Register selection strategies.
 
     Call `register(SelectorClass)` once per strategy. The class subclasses
-    `dataselect.plugins.base.Selector` and sets at least `name` (letters,
+    `dataselect.strategy.Selector` and sets at least `name` (letters,
     digits, `_` or `-`; what users pass to `--strategy`) and `description`.
     The registration is checked at load time: the class must be a Selector,
     `default_mode` one of online/subset/weighted, `default_policy` one of
