@@ -32,6 +32,8 @@ RUNS = (
     ("infobatch", ["--strategy", "infobatch"]),
     ("importance_sampling", ["--strategy", "importance_sampling", "-o", "warmup_epochs=1"]),
     ("mrmc", ["--strategy", "mrmc", "-o", "warmup_epochs=1"]),
+    ("tracin", ["--strategy", "tracin"]),
+    ("glister", ["--strategy", "glister"]),
 )
 
 
