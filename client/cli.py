@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from typing import NoReturn
 
 import click
@@ -20,6 +21,19 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="'--option'")
         options[key.strip()] = value.strip()
     return options
+
+
+#: Command-line options that are not TrainConfig fields (or are converted on the way).
+NOT_CONFIG = {"resume", "as_json", "quiet", "options", "mode"}
+
+
+def config_from_options(config_class, kw: dict):
+    """The TrainConfig of a command line: each field takes the click option of the same name (one
+    declaration each; `tests/test_cli.py` checks that every field has its option and vice versa)."""
+    names = {f.name for f in fields(config_class)}
+    given = {k: v for k, v in kw.items() if k in names and k not in NOT_CONFIG}
+    return config_class(**given, options=_parse_options(kw["options"]), mode=kw["mode"] or "",
+                        progress=not kw["quiet"])
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -148,22 +162,7 @@ def train_command(**kw) -> None:
         summary = resume(kw["resume"], server=kw["server"], log=log)
         _finish(summary, quiet, kw["as_json"], format_cost_table)
         return
-    config = TrainConfig(
-        strategy=kw["strategy"], options=_parse_options(kw["options"]), policy=kw["policy"], mode=kw["mode"] or "",
-        dataset=kw["dataset"], data_dir=kw["data_dir"], download=kw["download"], model=kw["model"],
-        epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], momentum=kw["momentum"],
-        weight_decay=kw["weight_decay"], select_fraction=kw["select_fraction"], seed=kw["seed"],
-        device=kw["device"], threads=kw["threads"], train_subset=kw["train_subset"], test_subset=kw["test_subset"],
-        output=kw["output"], server=kw["server"], sync_every=kw["sync_every"], micro_batch=kw["micro_batch"],
-        init_from=kw["init_from"], progress=not kw["quiet"],
-        budget_seconds=kw["budget_seconds"], budget_samples=kw["budget_samples"],
-        token_file=kw["token_file"], tls_ca=kw["tls_ca"], on_server_failure=kw["on_server_failure"],
-        retry_seconds=kw["retry_seconds"], overlap=kw["overlap"], ramp_steps=kw["ramp_steps"], checkpoint_dtype=kw["checkpoint_dtype"],
-        checkpoint_delta=kw["checkpoint_delta"], eval_every=kw["eval_every"], target_accuracy=kw["target_accuracy"],
-        score_input_scale=kw["score_input_scale"], score_precision=kw["score_precision"],
-        score_compile=kw["score_compile"], lr_schedule=kw["lr_schedule"], augment=kw["augment"],
-        label_noise=kw["label_noise"], imbalance=kw["imbalance"], num_workers=kw["num_workers"],
-    )
+    config = config_from_options(TrainConfig, kw)
     _finish(train(config, log=log), quiet, kw["as_json"], format_cost_table)
 
 

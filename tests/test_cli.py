@@ -170,3 +170,22 @@ def test_mnist_high_loss_end_to_end(tmp_path):
 
 # Measured 0.9436 (CPU, seed 0, torch 2.15); the margin absorbs other torch builds and devices.
 THRESHOLD_MNIST_10K = 0.92
+
+
+def test_every_trainer_option_is_declared_once_as_a_config_field_and_a_click_option():
+    """dataselect-train builds its TrainConfig from the click options by name: a field without an option
+    (or an option that is neither a field nor handled by the command) fails here."""
+    from dataclasses import fields
+
+    from dataselect.client.cli import NOT_CONFIG, config_from_options, train_command
+    from dataselect.client.train import TrainConfig
+
+    params = {p.name for p in train_command.params}
+    names = {f.name for f in fields(TrainConfig)}
+    assert names - params == {"progress"}  # set from --quiet
+    assert params - names <= NOT_CONFIG
+    ctx = train_command.make_context("dataselect-train", ["--strategy", "random", "--epochs", "3", "-o", "a=1",
+                                                         "--no-augment", "--label-noise", "0.2", "-q"])
+    config = config_from_options(TrainConfig, dict(ctx.params))
+    assert (config.strategy, config.epochs, config.options, config.augment, config.label_noise, config.progress,
+            config.mode) == ("random", 3, {"a": "1"}, False, 0.2, False, "")
