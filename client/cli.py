@@ -70,7 +70,7 @@ def config_from_options(config_class, kw: dict):
               help="Model architecture from the registry (`dataselect models` lists them).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, help="Passes over the training set.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Samples trained on per step.")
-@click.option("--lr", type=float, default=0.05, help="SGD learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.05, help="SGD learning rate.")
 @click.option("--lr-schedule", type=click.Choice(SCHEDULES), default="constant",
               help="Learning-rate schedule over the run's steps: constant, cosine (down to 0) or onecycle "
                    "(warm up over the first 30 %, then anneal).")

@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import click
 import torch
 
-from dataselect.checkpoint import CHECKPOINT_DTYPES, load_checkpoint, load_state
+from dataselect.checkpoint import load_checkpoint, load_state
 from dataselect.client import distributed as _distributed
+from dataselect.client.cli import train_command
 from dataselect.client.costs import Costs, format_cost_table, selection_payoff
 from dataselect.client.replicas import parse_servers
 from dataselect.client.session import EngineOptions, RemoteOptions, Session, weighted_loss
@@ -44,7 +46,7 @@ from dataselect.datasets import check_dataset_spec, open_dataset
 from dataselect.engine import resolve_device, synchronize
 from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
-from dataselect.names import MODES, PRECISIONS, SCHEDULES
+from dataselect.names import MODES
 from dataselect.policies import POLICIES
 from dataselect.registry import get_model_builder, get_selector
 
@@ -131,6 +133,20 @@ class TrainConfig:
 
 
 
+def _check_ranges(config: TrainConfig) -> None:
+    """Each field against its command-line option's range or choices, declared once on the option
+    (`dataselect.client.cli`), so a config built in Python is held to what `--help` shows."""
+    for param in train_command.params:
+        value = getattr(config, param.name, None)
+        if value is None or param.name == "mode" or not isinstance(
+                param.type, (click.IntRange, click.FloatRange, click.Choice)):
+            continue
+        try:
+            param.type.convert(value, param, None)
+        except click.BadParameter as exc:
+            raise InvalidArgument(f"{param.opts[0]}: {exc.message}") from None
+
+
 def validate_config(config: TrainConfig) -> str:
     """Check everything that needs no data or model; returns the training mode.
 
@@ -139,14 +155,7 @@ def validate_config(config: TrainConfig) -> str:
     cls = get_selector(config.strategy)
     cls.resolve_options(config.options)
     check_dataset_spec(config.dataset)
-    if not 0.0 <= config.label_noise < 1.0:
-        raise InvalidArgument(f"--label-noise is a rate in [0, 1), got {config.label_noise}")
-    if not config.imbalance >= 1.0:
-        raise InvalidArgument(f"--imbalance is the ratio of the largest to the smallest class (>= 1), got {config.imbalance}")
-    if config.num_workers is not None and config.num_workers < 0:
-        raise InvalidArgument(f"--num-workers must be >= 0, got {config.num_workers}")
-    if config.lr_schedule not in SCHEDULES:
-        raise InvalidArgument(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
+    _check_ranges(config)
     if config.server:
         parse_servers(config.server)  # a bad entry fails before any data is loaded
     get_model_builder(config.model)
@@ -155,32 +164,6 @@ def validate_config(config: TrainConfig) -> str:
     mode = config.mode or cls.default_mode
     if mode not in MODES:
         raise InvalidArgument(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
-    if not 0.0 < config.select_fraction <= 1.0:
-        raise InvalidArgument(f"--select-fraction must be in (0, 1], got {config.select_fraction}")
-    for name in ("epochs", "batch_size", "sync_every", "micro_batch"):
-        if getattr(config, name) < 1:
-            raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    if config.lr <= 0:
-        raise InvalidArgument(f"--lr must be > 0, got {config.lr}")
-    if not 0.0 < config.score_input_scale <= 1.0:
-        raise InvalidArgument(f"--score-input-scale must be in (0, 1] (0.5 = half height and width), "
-                              f"got {config.score_input_scale}")
-
-    if config.score_precision not in PRECISIONS:
-        raise InvalidArgument(f"--score-precision must be one of {', '.join(PRECISIONS)}, got {config.score_precision!r}")
-    if config.threads is not None and config.threads < 1:
-        raise InvalidArgument(f"--threads must be >= 1, got {config.threads}")
-    if config.budget_seconds is not None and not config.budget_seconds > 0:
-        raise InvalidArgument(f"--budget-seconds must be > 0, got {config.budget_seconds}")
-    if config.budget_samples is not None and config.budget_samples < 1:
-        raise InvalidArgument(f"--budget-samples must be >= 1, got {config.budget_samples}")
-    if config.eval_every is not None and config.eval_every < 1:
-        raise InvalidArgument(f"--eval-every must be >= 1 samples, got {config.eval_every}")
-    if config.target_accuracy is not None and not 0.0 < config.target_accuracy <= 1.0:
-        raise InvalidArgument(f"--target-accuracy is a fraction in (0, 1], got {config.target_accuracy}; e.g. 0.99")
-    if config.checkpoint_dtype not in CHECKPOINT_DTYPES:
-        raise InvalidArgument(f"--checkpoint-dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, "
-                              f"got {config.checkpoint_dtype!r}")
     return mode
 
 
