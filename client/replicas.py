@@ -239,13 +239,7 @@ class ReplicatedScorer:
         if self._fallback is not None:
             self._fallback.push_irreducible(state)
             return
-        live = [j for j, r in enumerate(self._replicas) if r is not None]
-        results = self._fan_out([(j, "push_irreducible", (state,), {}) for j in live])
-        for j, result in zip(live, results):
-            if isinstance(result, _ReplicaDown):
-                self._mark_down(j, result.cause)
-        if not any(self.live):
-            self._all_down(next(r.cause for r in results if isinstance(r, _ReplicaDown)))
+        self._to_live("push_irreducible", (state,))
         self._sync_counters()
 
     def select(self, ids: torch.Tensor, inputs: torch.Tensor | None, labels: torch.Tensor, budget: int,
@@ -415,19 +409,22 @@ class ReplicatedScorer:
             return
         self._last_push = push
         self._revive_due()
-        live = [j for j, r in enumerate(self._replicas) if r is not None]
         kind, obj, version, step = push
-        method = "push_state" if kind == "state" else "push_checkpoint"
-        results = self._fan_out([(j, method, (obj, version, step), {}) for j in live])
+        self._to_live("push_state" if kind == "state" else "push_checkpoint", (obj, version, step))
+        self.counters.checkpoint_pushes += 1
+        self._sync_counters()
+
+    def _to_live(self, method: str, args: tuple) -> None:
+        """Call `method(*args)` on every live replica; a replica that fails is marked down. When none is
+        left, `_all_down` falls back (the fallback loads the last push and the irreducible-loss model),
+        brings a replica back with them, or raises."""
+        live = [j for j, r in enumerate(self._replicas) if r is not None]
+        results = self._fan_out([(j, method, args, {}) for j in live])
         for j, result in zip(live, results):
             if isinstance(result, _ReplicaDown):
                 self._mark_down(j, result.cause)
         if not any(self.live):
-            # Falls back (the fallback loads the weights of `_last_push`, this push), or brings a
-            # replica back with them, or raises.
             self._all_down(next(r.cause for r in results if isinstance(r, _ReplicaDown)))
-        self.counters.checkpoint_pushes += 1
-        self._sync_counters()
 
     @staticmethod
     def _push_one(scorer: Any, push: tuple[str, Any, int, int]) -> None:

@@ -7,6 +7,8 @@ every replica and every rank agree on it without exchanging anything.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -18,6 +20,16 @@ def mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def warn_if_fraction_reaches(strategy: str, option: str, share: float, mode: str, select_fraction: float) -> None:
+    """Warn when a whole-set selection asks for more than the ids left after holding `share` out (the
+    strategy then has to fill its subset with held-out samples)."""
+    if mode != "online" and select_fraction > 1.0 - share + 1e-9:
+        warnings.warn(
+            f"strategy {strategy!r} holds out {option}={share:g} of the training ids and never selects them while "
+            f"others remain; --select-fraction {select_fraction:g} asks for more than the rest, so the subset will "
+            f"include held-out samples. Lower --select-fraction or -o {option}.", stacklevel=3)
 
 
 class HoldOut:

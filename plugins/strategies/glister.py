@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 
 import torch
 
-from dataselect.holdout import HoldOut
+from dataselect.holdout import HoldOut, warn_if_fraction_reaches
 from dataselect.plugins.strategies.warmup import fit_warmup
 from dataselect.policies import apply_policy
 from dataselect.strategy import Option, Pool, RunPlan, Selection, Selector
@@ -173,12 +172,7 @@ class GlisterSelector(Selector):
     @classmethod
     def plan(cls, options, run: RunPlan):
         options = fit_warmup(cls.name, options, run, needs="its first selection comes after the warm-up")
-        if run.mode != "online" and run.select_fraction > 1.0 - options["validation"] + 1e-9:
-            warnings.warn(
-                f"strategy 'glister' holds out validation={options['validation']:g} of the training ids and never "
-                f"selects them while others remain; --select-fraction {run.select_fraction:g} asks for more than the "
-                "rest, so the subset will include held-out samples. Lower --select-fraction or -o validation.",
-                stacklevel=2)
+        warn_if_fraction_reaches(cls.name, "validation", options["validation"], run.mode, run.select_fraction)
         return options
 
     def held_out(self, ids: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from dataselect.holdout import HoldOut
+from dataselect.holdout import HoldOut, warn_if_fraction_reaches
 from dataselect.strategy import IrreducibleTraining, Option, Pool, RunPlan, Selector
 
 
@@ -64,11 +62,7 @@ class RhoLossSelector(Selector):
 
     @classmethod
     def plan(cls, options, run: RunPlan):
-        if run.mode != "online" and run.select_fraction > 1.0 - options["holdout"] + 1e-9:
-            warnings.warn(
-                f"strategy 'rho_loss' holds out holdout={options['holdout']:g} of the training ids and never selects "
-                f"them while others remain; --select-fraction {run.select_fraction:g} asks for more than the rest, "
-                "so the subset will include held-out samples. Lower --select-fraction or -o holdout.", stacklevel=2)
+        warn_if_fraction_reaches(cls.name, "holdout", options["holdout"], run.mode, run.select_fraction)
         return options
 
     def score(self, pool: Pool) -> torch.Tensor:
