@@ -53,8 +53,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import click
+from tqdm import tqdm
 
+from dataselect.client.config import to_argv
 from dataselect.client.costs import time_to_target
+from dataselect.datasets import check_dataset_spec
 from dataselect.errors import DataselectError, InvalidArgument
 from dataselect.registry import get_model_builder, get_selector, selectors
 
@@ -528,8 +531,6 @@ def path_label(name: str) -> str:
 
 def validate_names(config: CompareConfig) -> None:
     """Fail before any run on a misspelt strategy, model or dataset (the error lists the known names)."""
-    from dataselect.datasets import check_dataset_spec  # loads torch: not at import, so --help stays fast
-
     for s in config.strategies:
         get_selector(s)
     for m in config.models:
@@ -709,8 +710,6 @@ def run_comparison(config: CompareConfig, log: Callable[[str], None] = _echo,
         progress = sys.stderr.isatty()
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(specs), unit="run", desc="compare", file=sys.stderr)
         say = bar.write
     else:
@@ -778,90 +777,27 @@ def report(config: CompareConfig, records: list[RunRecord], log: Callable[[str],
     return results
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- the command's body
+
+#: Trainer options `dataselect compare` accepts but sets on each run's command line itself (`trainer_argv`).
+RUN_OWNS = ("device", "budget_seconds", "budget_samples")
 
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def _default_strategies() -> list[str]:
-    return list(selectors())
-
-
-@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--strategies", help="Comma-separated strategies [default: every registered strategy]. "
-              "The full-data baseline is always added.")
-@click.option("--models", default="cnn-small", show_default=True, help="Comma-separated models.")
-@click.option("--dataset", "datasets", default="mnist", show_default=True,
-              help="Comma-separated datasets (NAME or NAME:ARG, e.g. imagefolder:DIR).")
-@click.option("--variants", default="clean", show_default=True,
-              help="Comma-separated dataset variants of the training split: clean, noise=P (symmetric label "
-                   "noise), imbalance=R (long-tailed classes), or both joined with '+'; each is its own row.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset folder (passed to the trainer).")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Runs per combination; repeat r uses seed + r.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for runs, tables and plots.")
-@click.option("--target", type=click.FloatRange(0, 1, min_open=True),
-              help="Target test accuracy (fraction) for time-to-accuracy [default: full-data accuracy − 0.005].")
-@click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True),
-              help="Compare at equal wall-clock: each run stops once it has spent this.")
-@click.option("--budget-samples", type=click.IntRange(min=1),
-              help="Compare at equal work: each run stops after training on this many samples.")
-@click.option("--resume", is_flag=True, help="Skip runs whose summary.json already exists.")
-@click.option("--train-subset", type=int, help="Passed to the trainer.")
-@click.option("--test-subset", type=int, help="Passed to the trainer.")
-@click.option("--batch-size", type=int, help="Passed to the trainer.")
-@click.option("--lr", type=float, help="Passed to the trainer.")
-@click.option("--select-fraction", type=float, help="Passed to the trainer (the baseline always uses 1.0).")
-@click.option("--device", help="Passed to the trainer, e.g. cpu, cuda, cuda:1.")
-@click.option("--server", help="Score on a remote server HOST:PORT (passed to the trainer).")
-@click.option("--sync-every", type=int, help="Passed to the trainer.")
-@click.option("--momentum", type=float, help="Passed to the trainer.")
-@click.option("--weight-decay", type=float, help="Passed to the trainer.")
-@click.option("--threads", type=int, help="Passed to the trainer (fix it for reproducible CPU timings).")
-@click.option("--micro-batch", type=int, help="Passed to the trainer.")
-@click.option("--init-from", type=click.Path(dir_okay=False), help="Passed to the trainer.")
-@click.option("--mode", help="Passed to the trainer.")
-@click.option("--policy", help="Passed to the trainer.")
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="Strategy option, repeatable (passed to the trainer; not to the baseline).")
-@click.option("--no-download", is_flag=True, help="Passed to the trainer: never download datasets.")
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAINER OPTIONS...]")
-def compare_command(strategies, models, datasets, variants, data_dir, epochs, repeats, seed, output, target,
-                    budget_seconds, budget_samples, resume, train_subset, test_subset, batch_size, lr,
-                    select_fraction, device, server, sync_every, momentum, weight_decay, threads, micro_batch,
-                    init_from, mode, policy, options, no_download, extra):
-    """Compare selection strategies × models × datasets: accuracy against cost.
-
-    Runs `dataselect-train` once per strategy, model, dataset and repeat (plus the
-    full-data baseline), then writes results.csv, results.md, accuracy_vs_time.png
-    and cost_breakdown.png into OUTPUT. Any other `dataselect-train` option goes
-    after `--` and reaches every run unchanged, e.g.
-    `dataselect compare --strategies high_loss --output out -- --overlap --lr-schedule cosine`.
-    """
-    passthrough: list[str] = []
-    for flag, value in [("--data-dir", data_dir), ("--train-subset", train_subset), ("--test-subset", test_subset),
-                        ("--batch-size", batch_size), ("--lr", lr), ("--select-fraction", select_fraction),
-                        ("--server", server), ("--sync-every", sync_every), ("--momentum", momentum),
-                        ("--weight-decay", weight_decay), ("--threads", threads), ("--micro-batch", micro_batch),
-                        ("--init-from", init_from), ("--mode", mode), ("--policy", policy)]:
-        if value is not None:
-            passthrough += [flag, str(value)]
-    for opt in options:
-        passthrough += ["--option", opt]
-    passthrough += list(extra)
-    if no_download:
-        passthrough.append("--no-download")
+def run_from_command_line(strategies, models, datasets, variants, epochs, repeats, seed, output, target, resume,
+                          extra, **trainer) -> None:
+    """`dataselect compare`'s body, given its parsed options (`dataselect.client.main`)."""
+    passthrough = to_argv(trainer, exclude=RUN_OWNS) + list(extra)
     try:
         config = CompareConfig(
             output=Path(output),
-            strategies=_split(strategies) if strategies else _default_strategies(),
+            strategies=_split(strategies) if strategies else list(selectors()),
             models=_split(models), datasets=_split(datasets), variants=_split(variants), epochs=epochs, repeats=repeats, seed=seed,
-            target=target, budget_seconds=budget_seconds, budget_samples=budget_samples, resume=resume,
-            device=device, trainer_args=passthrough,
+            target=target, budget_seconds=trainer["budget_seconds"], budget_samples=trainer["budget_samples"],
+            resume=resume, device=trainer["device"], trainer_args=passthrough,
         )
         results = run_comparison(config)
     except InvalidArgument as e:

@@ -9,7 +9,7 @@ import click
 
 from dataselect import registry
 from dataselect.cli import run_command
-from dataselect.client.compare import compare_command
+from dataselect.client.config import trainer_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,7 +102,44 @@ def datasets(as_json: bool) -> None:
         click.echo(f"{row['name']:<20} {row['description']}  (from {row['plugin']})")
 
 
-cli.add_command(compare_command)
+#: Trainer options compare declares itself (plural, per repeat or per variant), so it does not pass them on.
+COMPARE_OWNS = ("strategy", "model", "dataset", "epochs", "seed", "output", "label_noise", "imbalance")
+
+
+@cli.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--strategies", help="Comma-separated strategies [default: every registered strategy]. "
+              "The full-data baseline is always added.")
+@click.option("--models", default="cnn-small", show_default=True, help="Comma-separated models.")
+@click.option("--dataset", "datasets", default="mnist", show_default=True,
+              help="Comma-separated datasets (NAME or NAME:ARG, e.g. imagefolder:DIR).")
+@click.option("--variants", default="clean", show_default=True,
+              help="Comma-separated dataset variants of the training split: clean, noise=P (symmetric label "
+                   "noise), imbalance=R (long-tailed classes), or both joined with '+'; each is its own row.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per combination; repeat r uses seed + r.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for runs, tables and plots.")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True),
+              help="Target test accuracy (fraction) for time-to-accuracy [default: full-data accuracy − 0.005].")
+@click.option("--resume", is_flag=True, help="Skip runs whose summary.json already exists.")
+@trainer_options(exclude=COMPARE_OWNS, passthrough=True)
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAINER OPTIONS...]")
+def compare_command(**options) -> None:
+    """Compare selection strategies × models × datasets: accuracy against cost.
+
+    Runs `dataselect-train` once per strategy, model, dataset and repeat (plus the
+    full-data baseline), then writes results.csv, results.md, accuracy_vs_time.png
+    and cost_breakdown.png into OUTPUT. Every `dataselect-train` option below
+    reaches every run unchanged (the baseline keeps --select-fraction 1.0 and no
+    strategy options); `--budget-seconds` / `--budget-samples` compare at equal
+    wall-clock or equal work; arguments after `--` are passed as written. E.g.
+    `dataselect compare --strategies high_loss --output out --overlap --lr-schedule cosine`.
+    """
+    # The command's one deferred import: the runner loads torch (dataset checks), so it waits for the arguments.
+    from dataselect.client.compare import run_from_command_line
+
+    run_from_command_line(**options)
 
 
 def main(args: list[str] | None = None) -> NoReturn:

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ import torch
 
 from dataselect.checkpoint import load_checkpoint, load_state
 from dataselect.client import distributed as _distributed
-from dataselect.client.cli import train_command
+from dataselect.client.config import TrainConfig, check_ranges, config_from_options
 from dataselect.client.costs import Costs, format_cost_table, selection_payoff
 from dataselect.client.replicas import parse_servers
 from dataselect.client.session import EngineOptions, RemoteOptions, Session, weighted_loss
@@ -53,100 +53,6 @@ from dataselect.registry import get_model_builder, get_selector
 __all__ = ["TrainConfig", "train", "resume", "validate_config", "format_cost_table", "weighted_loss", "Costs"]
 
 
-@dataclass
-class TrainConfig:
-    strategy: str = "high_loss"
-    #: Strategy options as given (CLI strings or JSON values); the strategy validates them.
-    options: dict[str, Any] = field(default_factory=dict)
-    #: Selection policy; "" = the strategy's default.
-    policy: str = ""
-    #: online | subset | weighted; "" = the strategy's default.
-    mode: str = ""
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    download: bool = True
-    model: str = "cnn-small"
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    #: Fraction of each candidate pool trained on; 1.0 = full data, no scoring.
-    select_fraction: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    #: torch CPU threads; None leaves torch's own choice.
-    threads: int | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    output: str | None = None
-    server: str | None = None
-    #: Online mode: push the checkpoint to the scorer every N optimiser steps.
-    #: Subset and weighted modes push once before each whole-set selection instead
-    #: (the scorer's copy is not used in between).
-    sync_every: int = 1
-    #: Micro-batch for scoring (embedded) and evaluation.
-    micro_batch: int = 1024
-    init_from: str | None = None
-    #: Per-epoch progress bar (still only drawn on a terminal).
-    progress: bool = True
-    #: Stop training once this many seconds have passed (wall clock less dataset
-    #: loading and evaluation); None = no limit.
-    budget_seconds: float | None = None
-    #: Stop training once this many samples have been trained on; None = no limit.
-    budget_samples: int | None = None
-    #: Remote scoring: bearer token file (else $DATASELECT_TOKEN), CA for TLS.
-    token_file: str | None = None
-    tls_ca: str | None = None
-    #: Remote scoring: "retry" (reconnect with backoff for `retry_seconds`, then fail)
-    #: or "fallback" (then score in-process for the rest of the run).
-    on_server_failure: str = "retry"
-    retry_seconds: float = 60.0
-    #: Overlapped scoring: request pool t+1's selection before training step t, and push
-    #: checkpoints in the background. None = on with a remote server, off embedded.
-    overlap: bool | None = None
-    #: With overlap, online mode: steps over which the kept share falls from 1 to select_fraction
-    #: (None = the session's default: 25 / select_fraction with overlap, 0 without).
-    ramp_steps: int | None = None
-    #: Remote scoring: dtype floating weights travel in (float32, float16, bfloat16).
-    checkpoint_dtype: str = "float32"
-    #: Remote scoring: push only the tensors that changed since the previous push.
-    checkpoint_delta: bool = False
-    #: Also evaluate every this many trained samples (time-to-accuracy at a finer grain than epochs).
-    eval_every: int | None = None
-    #: Stop once test accuracy reaches this (at an epoch's end or an --eval-every point).
-    target_accuracy: float | None = None
-    #: Score on inputs downscaled by this factor in (0, 1] (embedded and remote).
-    score_input_scale: float = 1.0
-    #: Embedded scoring: autocast for forward signals (auto|fp32|bf16|fp16) and torch.compile.
-    score_precision: str = "auto"
-    score_compile: bool = False
-    #: Learning-rate schedule over the run: constant, cosine or onecycle.
-    lr_schedule: str = "constant"
-    #: The dataset's standard training augmentation (none for MNIST; crop + flip for CIFAR-10).
-    augment: bool = True
-    #: Variants of the training split: symmetric label noise rate, and long-tail ratio largest/smallest class.
-    label_noise: float = 0.0
-    imbalance: float = 1.0
-    #: DataLoader workers for datasets that are not held in memory (None: up to 4, half the CPUs).
-    num_workers: int | None = None
-
-
-
-def _check_ranges(config: TrainConfig) -> None:
-    """Each field against its command-line option's range or choices, declared once on the option
-    (`dataselect.client.cli`), so a config built in Python is held to what `--help` shows."""
-    for param in train_command.params:
-        value = getattr(config, param.name, None)
-        if value is None or param.name == "mode" or not isinstance(
-                param.type, (click.IntRange, click.FloatRange, click.Choice)):
-            continue
-        try:
-            param.type.convert(value, param, None)
-        except click.BadParameter as exc:
-            raise InvalidArgument(f"{param.opts[0]}: {exc.message}") from None
-
-
 def validate_config(config: TrainConfig) -> str:
     """Check everything that needs no data or model; returns the training mode.
 
@@ -155,7 +61,7 @@ def validate_config(config: TrainConfig) -> str:
     cls = get_selector(config.strategy)
     cls.resolve_options(config.options)
     check_dataset_spec(config.dataset)
-    _check_ranges(config)
+    check_ranges(config)
     if config.server:
         parse_servers(config.server)  # a bad entry fails before any data is loaded
     get_model_builder(config.model)
@@ -348,6 +254,23 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None,
                   t_start)
         write_json_atomic(out_dir / "summary.json", summary)
     return summary
+
+
+def run_from_command_line(kw: dict[str, Any]) -> None:
+    """`dataselect-train`'s body, given its parsed options (`dataselect.client.cli`)."""
+    quiet = kw["quiet"] or _distributed.rank() != 0  # under torchrun rank 0 speaks for the run
+    as_json = kw["as_json"] and _distributed.rank() == 0
+    log = None if quiet else (lambda msg: click.echo(msg, err=True))
+    if kw["resume"]:
+        summary = resume(kw["resume"], server=kw["server"], log=log)
+    else:
+        summary = train(config_from_options(kw, progress=not kw["quiet"]), log=log)
+    if not quiet:
+        click.echo(format_cost_table(summary), err=True)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:  # the result line, even with -q
+        click.echo(f"test_accuracy {summary['test_accuracy']:.4f}")
 
 
 def _workers(config: TrainConfig) -> int:

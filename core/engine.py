@@ -46,7 +46,8 @@ from torch.func import functional_call, grad, vmap
 
 from dataselect.errors import Cancelled, InvalidArgument
 from dataselect.models import ScoringModel, to_unit_float
-from dataselect.names import FORWARD_SIGNALS, GRAD_SIGNALS, PER_SAMPLE_GRAD_SIGNALS, PRECISIONS, parse_bool
+from dataselect.names import (FORWARD_SIGNALS, GRAD_SIGNALS, PER_SAMPLE_GRAD_SIGNALS, PRECISIONS, parse_bool,
+                              parse_micro_batch)
 
 
 #: Memory allowed for one chunk of per-sample parameter gradients.
@@ -101,21 +102,6 @@ def resolve_channels_last(spec: str | bool | None, device: torch.device | str) -
     if value is not None:
         return value
     raise InvalidArgument(f"channels_last must be auto, on or off, got {spec!r}")
-
-
-def parse_micro_batch(value: int | str) -> int | str:
-    """'auto' or a positive integer (as int or text) -> 'auto' or the int; anything else is refused."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        try:
-            value = int(text)
-        except ValueError:
-            raise InvalidArgument(f"micro-batch must be 'auto' or a positive integer, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"micro-batch must be 'auto' or a positive integer, got {value!r}")
-    return value
 
 
 def free_device_memory(device: torch.device | str) -> int | None:

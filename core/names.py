@@ -6,6 +6,8 @@ lists from here, so a name is spelled once and `--help` needs no torch.
 
 from __future__ import annotations
 
+from dataselect.errors import InvalidArgument
+
 #: Training modes a strategy may default to (`--mode`).
 MODES = ("online", "subset", "weighted")
 
@@ -49,3 +51,18 @@ def parse_bool(text: object) -> bool | None:
         return None
     t = text.strip().lower()
     return True if t in TRUE_WORDS else False if t in FALSE_WORDS else None
+
+
+def parse_micro_batch(value: int | str) -> int | str:
+    """'auto' or a positive integer (as int or text) -> 'auto' or the int; anything else is refused."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = int(text)
+        except ValueError:
+            raise InvalidArgument(f"micro-batch must be 'auto' or a positive integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"micro-batch must be 'auto' or a positive integer, got {value!r}")
+    return value

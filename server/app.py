@@ -6,7 +6,10 @@ import errno
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from concurrent import futures
 from contextlib import contextmanager
@@ -18,13 +21,14 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dataselect import registry
 from dataselect.engine import parse_micro_batch, resolve_channels_last, resolve_device, resolve_precision
 from dataselect.errors import DataselectError, InvalidArgument
-from dataselect.server.auth import AuthInterceptor
+from dataselect.server.auth import AuthInterceptor, read_tokens
 from dataselect.server.interceptors import DEFAULT_STREAM_IDLE_SECONDS, ErrorMappingInterceptor, InFlightLimit
 from dataselect.server.reflection import enable_reflection
 from dataselect.server.service import SelectionServicer
-from dataselect.server.sessions import DEFAULT_TTL_SECONDS, SessionStore
+from dataselect.server.sessions import DEFAULT_TTL_SECONDS, SessionStore, tune_malloc
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
@@ -264,3 +268,78 @@ def stop(running: RunningServer, limit: InFlightLimit, grace_seconds: float) -> 
     if busy:
         log.warning("%d session(s) still busy at shutdown; they close when their calls stop", busy)
     log.info("stopped in %.1fs", time.monotonic() - t0)
+
+
+def run_until_stopped(*, host, port, device, max_message_mb, micro_batch, precision, channels_last, compile_model,
+                      threads, workers, grace_seconds, max_queue, max_sessions, session_ttl, token_file, tls_cert,
+                      tls_key, checkpoint_dir, stream_idle_seconds, session_memory_mb, memory_budget_mb,
+                      malloc_arena_max, malloc_mmap_threshold_kb, trim_memory, log_level) -> None:
+    """`dataselect-server`'s body, given its parsed options (`dataselect.server.cli`): serve until SIGTERM
+    or Ctrl-C, then drain. A bad option value exits with status 2 and a message naming the option."""
+    tune_malloc(malloc_arena_max, malloc_mmap_threshold_kb * 1024)  # before the RPC threads start allocating
+
+    try:
+        dev = resolve_device(device)
+    except DataselectError as exc:
+        _exit_with_error(f"--device: {exc}")
+    try:
+        resolve_precision(precision, dev)
+    except DataselectError as exc:
+        _exit_with_error(f"--precision: {exc}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    try:
+        tokens = read_tokens(token_file)
+    except DataselectError as exc:
+        _exit_with_error(f"--token-file: {exc}")
+
+    stopping = threading.Event()
+
+    def request_stop(signum, frame):
+        log.info("received %s, stopping (grace %.0fs)", signal.Signals(signum).name, grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        with serve(host, port, device=dev, max_message_bytes=max_message_mb * 2**20, workers=workers,
+                   micro_batch=micro_batch, grace_seconds=grace_seconds, max_queue=max_queue,
+                   max_sessions=max_sessions, session_ttl=session_ttl, tokens=tokens, tls_cert=tls_cert,
+                   tls_key=tls_key, checkpoint_dir=checkpoint_dir, precision=precision.lower(),
+                   channels_last=channels_last, compile=compile_model, stream_idle_seconds=stream_idle_seconds,
+                   session_memory=session_memory_mb * 2**20,
+                   memory_budget="auto" if memory_budget_mb is None else memory_budget_mb * 2**20,
+                   trim_memory=trim_memory) as running:
+            log.info("dataselect-server listening on %s (%s, %s), device %s, strategies: %s",
+                     running.address, "TLS" if running.tls else "plaintext",
+                     "token required" if tokens else "no token", running.device, ", ".join(registry.selectors()))
+            log.info("scoring engine: micro-batch %s, precision %s, channels-last %s, compile %s",
+                     micro_batch, precision, channels_last, "on" if compile_model else "off")
+            print(f"listening on {running.address}", flush=True)
+            # Event.wait with a timeout keeps the main thread responsive to signals.
+            while not stopping.wait(0.5):
+                pass
+    except AddressInUse as exc:
+        _exit_with_error(f"--port {port}: {exc}")
+    except DataselectError as exc:
+        _exit_with_error(str(exc))
+    log.info("stopped")
+    _exit_now_if_stuck(running.limit.in_flight if running.limit is not None else 0)
+
+
+def _exit_now_if_stuck(calls: int) -> None:
+    """Exit at once when calls are still stuck past the grace period (e.g. inside a plugin that ignores
+    cancellation): Python would otherwise wait for their worker threads before exiting."""
+    if not calls:
+        return
+    log.warning("exiting with %d call(s) still running past the grace period", calls)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _exit_with_error(message: str) -> None:
+    sys.stderr.write(f"dataselect-server: error: {message}\n")
+    sys.exit(2)

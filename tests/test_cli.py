@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -172,20 +173,49 @@ def test_mnist_high_loss_end_to_end(tmp_path):
 THRESHOLD_MNIST_10K = 0.92
 
 
-def test_every_trainer_option_is_declared_once_as_a_config_field_and_a_click_option():
-    """dataselect-train builds its TrainConfig from the click options by name: a field without an option
-    (or an option that is neither a field nor handled by the command) fails here."""
+def test_every_trainer_option_is_declared_once_as_a_config_field():
+    """TrainConfig's fields declare the options: dataselect-train's options are generated from them (plus
+    the command's own three), and the config is built back from the parsed options by name."""
     from dataclasses import fields
 
-    from dataselect.client.cli import NOT_CONFIG, config_from_options, train_command
+    from dataselect.client.cli import train_command
+    from dataselect.client.config import config_from_options
     from dataselect.client.train import TrainConfig
 
     params = {p.name for p in train_command.params}
     names = {f.name for f in fields(TrainConfig)}
     assert names - params == {"progress"}  # set from --quiet
-    assert params - names <= NOT_CONFIG
+    assert params - names == {"resume", "as_json", "quiet"}
     ctx = train_command.make_context("dataselect-train", ["--strategy", "random", "--epochs", "3", "-o", "a=1",
                                                          "--no-augment", "--label-noise", "0.2", "-q"])
-    config = config_from_options(TrainConfig, dict(ctx.params))
+    config = config_from_options(dict(ctx.params), progress=False)
     assert (config.strategy, config.epochs, config.options, config.augment, config.label_noise, config.progress,
             config.mode) == ("random", 3, {"a": "1"}, False, 0.2, False, "")
+    assert config_from_options(dict(train_command.make_context("t", []).params)) == TrainConfig()
+
+
+def test_compare_accepts_every_trainer_option_and_passes_exactly_those_given():
+    """compare's pass-through options come from the same declarations: what it hands a run parses, in
+    dataselect-train, to the values typed, and options left out keep the trainer's defaults."""
+    from dataselect.client import compare as C
+    from dataselect.client.cli import train_command
+    from dataselect.client.config import config_from_options, option_fields, to_argv
+    from dataselect.client.main import COMPARE_OWNS, compare_command
+
+    compare_params = {p.name for p in compare_command.params}
+    for f in option_fields(exclude=COMPARE_OWNS):
+        assert f.name in compare_params, f"compare lacks the trainer option of {f.name!r}"
+    typed = ["--output", "o", "--overlap", "--checkpoint-delta", "--no-augment", "--lr", "0.01", "-o", "k=v",
+             "-o", "m=2", "--mode", "subset", "--eval-every", "500", "--score-precision", "bf16", "--threads", "1"]
+    ctx = compare_command.make_context("compare", typed)
+    argv = to_argv(ctx.params, exclude=(*COMPARE_OWNS, *C.RUN_OWNS))
+    run = config_from_options(dict(train_command.make_context("dataselect-train", argv).params))
+    assert (run.overlap, run.checkpoint_delta, run.augment, run.lr, run.options, run.mode, run.eval_every,
+            run.score_precision, run.threads) == (True, True, False, 0.01, {"k": "v", "m": "2"}, "subset", 500,
+                                                  "bf16", 1)
+    untouched = config_from_options(dict(train_command.make_context("dataselect-train", []).params))
+    assert (run.download, run.sync_every, run.momentum) == (untouched.download, untouched.sync_every,
+                                                           untouched.momentum)
+    assert to_argv(compare_command.make_context("compare", ["--output", "o"]).params, exclude=COMPARE_OWNS) == []
+    with pytest.raises(click.BadParameter):  # the trainer's ranges hold in compare too
+        compare_command.make_context("compare", ["--output", "o", "--lr", "0"])

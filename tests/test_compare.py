@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from dataselect.errors import InvalidArgument
 
 from dataselect.client import compare as C
+from dataselect.client.main import compare_command
 from dataselect.client.compare import (
     FULL,
     markdown_table,
@@ -307,7 +308,7 @@ def test_plots_show_one_line_per_strategy_and_stacked_costs(tmp_path, fake_train
 
 def test_cli_rejects_unknown_strategy_before_running(tmp_path, fake_trainer):
     _, calls = fake_trainer
-    result = CliRunner().invoke(C.compare_command, ["--strategies", "random,no_such", "--output", str(tmp_path / "o")])
+    result = CliRunner().invoke(compare_command, ["--strategies", "random,no_such", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "unknown strategy 'no_such'" in result.output
     assert calls() == [] and not (tmp_path / "o").exists()
@@ -319,7 +320,7 @@ def test_cli_exit_code_only_fails_when_every_run_fails(tmp_path, fake_trainer, m
     args = ["--strategies", "high_loss", "--epochs", "1", "--repeats", "1", "--train-subset", "300",
             "-o", "k=v", "--no-download", "--device", "cpu"]
     monkeypatch.setenv("FAKE_FAIL_STRATEGY", "high_loss")
-    result = CliRunner().invoke(C.compare_command, [*args, "--output", str(tmp_path / "a")])
+    result = CliRunner().invoke(compare_command, [*args, "--output", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert "| mnist | cnn-small | high_loss | 0/1 |" in result.output
     hl_call = next(c for c in calls() if c[c.index("--strategy") + 1] == "high_loss")
@@ -328,7 +329,7 @@ def test_cli_exit_code_only_fails_when_every_run_fails(tmp_path, fake_trainer, m
 
     # Make the baseline fail too: every run failed -> non-zero exit.
     monkeypatch.setattr(C, "default_trainer_cmd", lambda: [sys.executable, "-c", "import sys; sys.exit('boom')"])
-    result = CliRunner().invoke(C.compare_command, [*args, "--output", str(tmp_path / "b")])
+    result = CliRunner().invoke(compare_command, [*args, "--output", str(tmp_path / "b")])
     assert result.exit_code == 1
     assert "every run failed" in result.output
     assert (tmp_path / "b/runs/mnist/cnn-small/full/seed0/error.txt").read_text().strip() == "boom"
@@ -342,7 +343,7 @@ HAS_TRAINER = importlib.util.find_spec("dataselect.client.cli") is not None
 @pytest.mark.skipif(not HAS_TRAINER, reason="dataselect.client.cli (the trainer) is not installed")
 def test_real_trainer_on_synthetic_data(tmp_path):
     out = tmp_path / "real"
-    result = CliRunner().invoke(C.compare_command, [
+    result = CliRunner().invoke(compare_command, [
         "--strategies", "random,high_loss", "--models", "cnn-small", "--dataset", "synthetic",
         "--epochs", "1", "--repeats", "1", "--train-subset", "300", "--test-subset", "200",
         "--device", "cpu", "--threads", "1", "--output", str(out)])

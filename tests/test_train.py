@@ -114,7 +114,7 @@ def test_returned_weights_reach_the_gradient(monkeypatch):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(strategy="no_such"), "unknown strategy"),
-    (dict(mode="sideways"), "unknown mode"),
+    (dict(mode="sideways"), "--mode: 'sideways' is not one of"),
     (dict(budget_seconds=0.0), "budget-seconds"),
     (dict(budget_samples=0), "budget-samples"),
     (dict(select_fraction=0.0), "select-fraction"),
