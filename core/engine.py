@@ -31,7 +31,8 @@ unchanged unless asked for):
 * a compiled forward: `ScoringModel.compiled` (set by `ScoringSession` with
   `compile=True`) replaces the module's forward in the forward signals.
 * on CUDA the pool is pinned and copied with `non_blocking=True`;
-  `auto_micro_batch` sizes micro-batches from free device memory.
+  `pick_micro_batch` sizes micro-batches from free device memory and
+  `signal_bytes_per_sample` (the scoring session's `--micro-batch auto`).
 """
 
 from __future__ import annotations
@@ -197,18 +198,6 @@ def signal_bytes_per_sample(model: nn.Module | ScoringModel, sample: torch.Tenso
     if needs_grad:
         per *= 2
     return per + x[:1].numel() * 4  # plus the float copy of the input
-
-
-def auto_micro_batch(model: nn.Module | ScoringModel, sample: torch.Tensor, wanted: Iterable[str], *, free_bytes: int | None,
-                     **options) -> int:
-    """A micro-batch sized from `free_bytes` of device memory and a trial forward of a few pool samples.
-
-    `free_bytes` None (no device budget: CPU, MPS) gives `DEFAULT_MICRO_BATCH`;
-    `options` are `signal_bytes_per_sample`'s.
-    """
-    if free_bytes is None:
-        return DEFAULT_MICRO_BATCH
-    return pick_micro_batch(free_bytes, signal_bytes_per_sample(model, sample, wanted, **options))
 
 
 #: Forward signals that need the final linear layer (its input, or its weights).
@@ -510,4 +499,4 @@ def resolve_device(spec: str) -> torch.device:
 
 
 __all__ = ["compute_signals", "synchronize", "resolve_device", "resolve_precision", "resolve_channels_last",
-           "parse_micro_batch", "auto_micro_batch", "signal_bytes_per_sample", "free_device_memory", "pick_micro_batch", "prepare_inputs"]
+           "parse_micro_batch", "signal_bytes_per_sample", "free_device_memory", "pick_micro_batch", "prepare_inputs"]

@@ -10,7 +10,6 @@ from torch import nn
 
 import dataselect
 from dataselect.errors import InvalidArgument
-from dataselect.server.app import serve
 
 
 def _data(n=600, d=20, classes=4, seed=0):
@@ -158,12 +157,6 @@ def test_a_session_refuses_what_it_cannot_do_with_the_fix_in_the_message():
     session = dataselect.Session("high_loss", Branchy(), server="127.0.0.1:1", num_classes=2)
     with pytest.raises(InvalidArgument, match="torch.export could not capture Branchy"):
         session.open(dataset_size=10, example=torch.ones(2, 20))
-
-
-@pytest.fixture(scope="module")
-def server():
-    with serve(port=0, device="cpu", workers=2) as running:
-        yield running
 
 
 @pytest.mark.parametrize("strategy", ["high_loss", "infobatch", "dynams"])

@@ -22,7 +22,6 @@ from dataselect.engine import (
     AUTO_MICRO_BATCH_MAX,
     AUTO_MICRO_BATCH_MIN,
     DEFAULT_MICRO_BATCH,
-    auto_micro_batch,
     free_device_memory,
     parse_micro_batch,
     pick_micro_batch,
@@ -208,15 +207,13 @@ def test_auto_micro_batch_from_a_mocked_free_memory_figure(monkeypatch):
     assert per >= 32 * 28 * 28 * 4
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
     free = free_device_memory("cuda")
-    mb = auto_micro_batch(model, x, {"loss"}, free_bytes=free)
-    assert AUTO_MICRO_BATCH_MIN <= mb <= AUTO_MICRO_BATCH_MAX
-    assert mb == pick_micro_batch(2**30, per)
+    mb = pick_micro_batch(free, per)
+    assert free == 2**30 and AUTO_MICRO_BATCH_MIN <= mb <= AUTO_MICRO_BATCH_MAX
     # Gradient signals keep activations for the backward pass: fewer samples fit.
-    assert auto_micro_batch(model, x, {"input_grad_norm"}, free_bytes=free) < mb
+    assert pick_micro_batch(free, signal_bytes_per_sample(model, x, {"input_grad_norm"})) < mb
     # Half-size inputs need about a quarter of the memory; bf16 autocast less too.
     assert signal_bytes_per_sample(model, x, {"loss"}, input_size=(14, 14)) < per / 3
     assert signal_bytes_per_sample(model, x, {"loss"}, autocast_dtype=torch.bfloat16) < per
-    assert auto_micro_batch(model, x, {"loss"}, free_bytes=None) == DEFAULT_MICRO_BATCH  # no device budget
 
 
 def test_session_auto_micro_batch_uses_free_memory_and_keeps_an_oom_cap(monkeypatch):

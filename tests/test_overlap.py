@@ -15,7 +15,6 @@ from dataselect.client.train import TrainConfig, train
 from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
 from dataselect.plugins.base import Progress
-from dataselect.server import serve
 from pools import random_pool
 
 KWARGS = dict(num_classes=10, in_channels=1, image_size=8)
@@ -29,9 +28,8 @@ def _config(**kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def server():
-    with serve(port=0, device="cpu", workers=4) as running:
-        yield running
+def server_options():
+    return {"workers": 4}  # conftest's `server` fixture, with more RPC threads
 
 
 # -- the pipeline ----------------------------------------------------------------------
