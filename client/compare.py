@@ -55,11 +55,12 @@ from typing import Any, Callable, Iterable, Sequence
 import click
 from tqdm import tqdm
 
+from dataselect import registry
 from dataselect.client.config import to_argv
 from dataselect.client.costs import time_to_target
 from dataselect.datasets import check_dataset_spec
 from dataselect.errors import DataselectError, InvalidArgument
-from dataselect.registry import get_model_builder, get_selector, selectors
+from dataselect.registry import get_model_builder, get_strategy
 
 FULL = "full"
 """Label of the full-data baseline in paths, tables and plots."""
@@ -532,7 +533,7 @@ def path_label(name: str) -> str:
 def validate_names(config: CompareConfig) -> None:
     """Fail before any run on a misspelt strategy, model or dataset (the error lists the known names)."""
     for s in config.strategies:
-        get_selector(s)
+        get_strategy(s)
     for m in config.models:
         get_model_builder(m)
     for d in config.datasets:
@@ -794,7 +795,7 @@ def run_from_command_line(strategies, models, datasets, variants, epochs, repeat
     try:
         config = CompareConfig(
             output=Path(output),
-            strategies=_split(strategies) if strategies else list(selectors()),
+            strategies=_split(strategies) if strategies else list(registry.strategies()),
             models=_split(models), datasets=_split(datasets), variants=_split(variants), epochs=epochs, repeats=repeats, seed=seed,
             target=target, budget_seconds=trainer["budget_seconds"], budget_samples=trainer["budget_samples"],
             resume=resume, device=trainer["device"], trainer_args=passthrough,

@@ -1,6 +1,6 @@
 """Training RHO-LOSS's irreducible-loss model on the trainer's side, before the first selection.
 
-A strategy that asks for the signal `irreducible_loss` says how through `Selector.irreducible_training`:
+A strategy that asks for the signal `irreducible_loss` says how through `Strategy.irreducible_training`:
 the share of training ids held out (`dataselect.holdout.HoldOut`, seeded by the session's seed), and the
 epochs and AdamW settings. The model is a freshly initialised copy of the one being trained: a registered
 model is built again from its name; any other module is deep-copied and every submodule with a

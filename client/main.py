@@ -23,7 +23,7 @@ def cli() -> None:
 
 def _strategy_rows() -> list[dict]:
     rows = []
-    for name, reg in registry.selectors().items():
+    for name, reg in registry.strategies().items():
         info = reg.obj.info()
         rows.append({**info, "name": name, "plugin": reg.plugin, "distribution": reg.distribution, "version": reg.version})
     return rows

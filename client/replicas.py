@@ -69,7 +69,7 @@ from dataselect.client.scorer import (
 )
 from dataselect.errors import DataselectError, InvalidArgument, PluginError
 from dataselect.policies import apply_policy
-from dataselect.registry import get_selector
+from dataselect.registry import get_strategy
 from dataselect.strategy import Progress
 
 log = logging.getLogger("dataselect.client")
@@ -146,7 +146,7 @@ def apportion(budget: int, sizes: list[int]) -> list[int]:
 
 def merge_kind(strategy: str) -> str:
     """"exact" when the strategy's selection is score-then-policy (scores can be merged), else "proportional"."""
-    return "exact" if get_selector(strategy).select_kind == "score_then_policy" else "proportional"
+    return "exact" if get_strategy(strategy).select_kind == "score_then_policy" else "proportional"
 
 
 class _ReplicaDown(Exception):

@@ -60,7 +60,7 @@ from dataselect.models import ScoringModel
 from dataselect.names import MODES
 from dataselect.policies import POLICIES
 from dataselect.proxy import build_proxy, proxy_logits
-from dataselect.registry import get_selector
+from dataselect.registry import get_strategy
 from dataselect.scoring import PoolChunk
 from dataselect.strategy import Progress, RunPlan
 
@@ -174,7 +174,7 @@ class Session:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"Session needs the model you train (an nn.Module), got {type(model).__name__}")
         self.strategy = strategy
-        self.cls = get_selector(strategy)
+        self.cls = get_strategy(strategy)
         self.model = model
         self.given_options = dict(options or {})
         self.options = self.cls.resolve_options(self.given_options)  # fails fast on a bad option
@@ -335,7 +335,7 @@ class Session:
         self.irreducible_plan = self.cls.irreducible_training(self.options)
         if (self.irreducible_plan is not None) != ("irreducible_loss" in info.signals):
             raise PluginError(f"strategy {self.strategy!r} must both ask for the signal irreducible_loss and say how "
-                              "its model is trained (Selector.irreducible_training), or neither")
+                              "its model is trained (Strategy.irreducible_training), or neither")
 
     @property
     def needs_irreducible(self) -> bool:

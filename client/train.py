@@ -48,7 +48,7 @@ from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
 from dataselect.names import MODES
 from dataselect.policies import POLICIES
-from dataselect.registry import get_model_builder, get_selector
+from dataselect.registry import get_model_builder, get_strategy
 
 __all__ = ["TrainConfig", "train", "resume", "validate_config", "format_cost_table", "weighted_loss", "Costs"]
 
@@ -58,7 +58,7 @@ def validate_config(config: TrainConfig) -> str:
 
     Runs before any data is loaded so a typo fails in milliseconds.
     """
-    cls = get_selector(config.strategy)
+    cls = get_strategy(config.strategy)
     cls.resolve_options(config.options)
     check_dataset_spec(config.dataset)
     check_ranges(config)
@@ -326,7 +326,7 @@ def _summary(config: TrainConfig, mode: str, session: Session, loader, clock: Ru
              wall: float, stopped_by: str | None, device: torch.device) -> dict[str, Any]:
     info = session.info
     last = epochs[-1]
-    cls = get_selector(config.strategy)
+    cls = get_strategy(config.strategy)
     return {
         "strategy": config.strategy,
         "dataset": config.dataset,

@@ -11,8 +11,8 @@ The package root is the Python API (see the README, "Use from Python"):
             ...
 
 * `Session`, `Batch`, `Chosen`, `EngineOptions`, `RemoteOptions`: selection in your own loop.
-* `Selector`, `Option`, `Pool`, `Selection`, `Progress`, `RunPlan`, `hookimpl`: what a strategy
-  plugin needs (`@dataselect.hookimpl def register_selectors(register): ...`).
+* `Strategy`, `Option`, `Pool`, `Selection`, `Progress`, `RunPlan`, `hookimpl`: what a strategy
+  plugin needs (`@dataselect.hookimpl def register_strategies(register): ...`).
 * `build_model`, `list_models`: the model registry.
 
 Names are imported when first used, so `import dataselect` stays cheap (no torch
@@ -42,7 +42,8 @@ _EXPORTS = {
     "SelectionLoader": "dataselect.client.loader",
     "SelectionSampler": "dataselect.client.loader",
     "WithIds": "dataselect.client.loader",
-    "Selector": "dataselect.strategy",
+    "Strategy": "dataselect.strategy",
+    "Selector": "dataselect.strategy",  # the 0.1 name of Strategy
     "Option": "dataselect.strategy",
     "Pool": "dataselect.strategy",
     "Report": "dataselect.strategy",

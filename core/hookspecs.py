@@ -31,13 +31,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_selectors(register: Callable[..., None]) -> None:
+def register_strategies(register: Callable[..., None]) -> None:
     """Register selection strategies.
 
-    Call `register(SelectorClass)` once per strategy. The class subclasses
-    `dataselect.strategy.Selector` and sets at least `name` (letters,
+    Call `register(StrategyClass)` once per strategy. The class subclasses
+    `dataselect.strategy.Strategy` and sets at least `name` (letters,
     digits, `_` or `-`; what users pass to `--strategy`) and `description`.
-    The registration is checked at load time: the class must be a Selector,
+    The registration is checked at load time: the class must be a Strategy,
     `default_mode` one of online/subset/weighted, `default_policy` one of
     topk/class_balanced/sample/threshold, and `signals` names the engine
     knows. A name taken by another plugin is refused with an error naming
@@ -47,8 +47,18 @@ def register_selectors(register: Callable[..., None]) -> None:
     Example:
 
         @dataselect.hookimpl
-        def register_selectors(register):
-            register(MySelector)
+        def register_strategies(register):
+            register(MyStrategy)
+    """
+
+
+@hookspec
+def register_selectors(register: Callable[..., None]) -> None:
+    """The 0.1 name of `register_strategies`, kept so plugins written against it still load.
+
+    It is called with the same `register(StrategyClass)` and the same checks, after
+    `register_strategies`; new plugins implement `register_strategies`. A class
+    registered through both is a name registered twice, and the plugin is refused.
     """
 
 

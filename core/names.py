@@ -26,7 +26,7 @@ PER_SAMPLE_GRAD_SIGNALS = frozenset({"grad_norm_full"})
 #: Signals the scoring session supplies itself rather than the engine: `irreducible_loss` is each sample's
 #: loss under the irreducible-loss model the trainer pushed (RHO-LOSS), computed once per id and cached.
 SESSION_SIGNALS = frozenset({"irreducible_loss"})
-#: Every signal a strategy may ask for (`Selector.signals`).
+#: Every signal a strategy may ask for (`Strategy.signals`).
 SIGNALS = tuple(sorted(FORWARD_SIGNALS | GRAD_SIGNALS | PER_SAMPLE_GRAD_SIGNALS | SESSION_SIGNALS))
 
 #: Autocast precisions for forward signals (`--precision`, `--score-precision`).

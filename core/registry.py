@@ -29,7 +29,7 @@ from dataselect.errors import InvalidArgument, PluginError
 from dataselect.names import MODES, POLICIES, SIGNALS
 
 if TYPE_CHECKING:
-    from dataselect.strategy import Selector
+    from dataselect.strategy import Strategy
 
 ENTRY_POINT_GROUP = "dataselect"
 
@@ -38,7 +38,7 @@ log = logging.getLogger("dataselect.plugins")
 #: Modules of the built-in plugins, registered before any third-party one.
 DEFAULT_PLUGINS = (
     "dataselect.plugins.builtin_models",
-    "dataselect.plugins.builtin_selectors",
+    "dataselect.plugins.builtin_strategies",
     "dataselect.plugins.builtin_datasets",
 )
 
@@ -57,7 +57,7 @@ class Registered:
 @dataclass
 class _State:
     loaded: bool = False
-    selectors: dict[str, Registered] = field(default_factory=dict)
+    strategies: dict[str, Registered] = field(default_factory=dict)
     models: dict[str, Registered] = field(default_factory=dict)
     datasets: dict[str, Registered] = field(default_factory=dict)
     #: plugin name -> (distribution, version)
@@ -147,7 +147,7 @@ def _collect(strict: str | None = None) -> None:
     for the plugin named `strict` (one being registered at run time) the error
     is raised instead.
     """
-    selectors: dict[str, Registered] = {}
+    strategies: dict[str, Registered] = {}
     models: dict[str, Registered] = {}
     datasets: dict[str, Registered] = {}
     for plugin_name in list(_state.plugins):
@@ -156,9 +156,10 @@ def _collect(strict: str | None = None) -> None:
             continue
         dist, version = _state.plugins[plugin_name]
         # Register into copies: a plugin that fails half-way leaves no partial registrations.
-        mine_s, mine_m, mine_d = dict(selectors), dict(models), dict(datasets)
+        mine_s, mine_m, mine_d = dict(strategies), dict(models), dict(datasets)
         try:
-            _run_hook(plugin, plugin_name, "register_selectors", _selector_register(mine_s, plugin_name, dist, version))
+            for hook in ("register_strategies", "register_selectors"):  # the second is the hook's 0.1 name
+                _run_hook(plugin, plugin_name, hook, _strategy_register(mine_s, plugin_name, dist, version))
             _run_hook(plugin, plugin_name, "register_models", _model_register(mine_m, plugin_name, dist, version))
             _run_hook(plugin, plugin_name, "register_datasets", _dataset_register(mine_d, plugin_name, dist, version))
         except Exception as exc:
@@ -168,8 +169,8 @@ def _collect(strict: str | None = None) -> None:
             _fail(plugin_name, f"plugin {plugin_name!r} ({dist} {version}) failed to register: {message}")
             continue
         _state.failed.pop(plugin_name, None)
-        selectors, models, datasets = mine_s, mine_m, mine_d
-    _state.selectors = selectors
+        strategies, models, datasets = mine_s, mine_m, mine_d
+    _state.strategies = strategies
     _state.models = models
     _state.datasets = datasets
 
@@ -180,10 +181,10 @@ def _run_hook(plugin: Any, plugin_name: str, hook: str, register: Callable) -> N
         impl.function(register=register) if "register" in impl.argnames else impl.function()
 
 
-def _selector_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
+def _strategy_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
     def register(cls: type) -> None:
         if not (isinstance(cls, type) and getattr(cls, "__dataselect_selector__", False)):
-            raise InvalidArgument(f"plugin {plugin!r} registered {cls!r}, which is not a Selector subclass")
+            raise InvalidArgument(f"plugin {plugin!r} registered {cls!r}, which is not a Strategy subclass")
         if not cls.name or not cls.name.replace("_", "").replace("-", "").isalnum():
             raise InvalidArgument(f"plugin {plugin!r}: selector {cls.__name__} needs a name of letters, digits, '_' or '-'")
         if cls.name in into:
@@ -290,7 +291,7 @@ def _reset_for_tests() -> None:
                 pm.unregister(name=name)
         _state.plugins.clear()
         _state.failed.clear()
-        _state.selectors, _state.models, _state.datasets = {}, {}, {}
+        _state.strategies, _state.models, _state.datasets = {}, {}, {}
         _state.loaded = False
         load_plugins()
         _state.plugins.update(runtime)
@@ -298,7 +299,7 @@ def _reset_for_tests() -> None:
 
 
 def _lookup(registry: str, kind: str, kinds: str, name: str) -> Any:
-    """The object registered under `name` in the registry `registry` (selectors or models); an unknown
+    """The object registered under `name` in the registry `registry` (strategies or models); an unknown
     name lists the known ones, and the plugins that failed to load."""
     load_plugins()
     table: dict[str, Registered] = getattr(_state, registry)
@@ -309,14 +310,19 @@ def _lookup(registry: str, kind: str, kinds: str, name: str) -> Any:
                               f"{_failed_note()}") from None
 
 
-def get_selector(name: str) -> type[Selector]:
+def get_strategy(name: str) -> type[Strategy]:
     """The strategy class registered under `name`; unknown names list the known ones."""
-    return _lookup("selectors", "strategy", "strategies", name)
+    return _lookup("strategies", "strategy", "strategies", name)
 
 
-def selectors() -> dict[str, Registered]:
+def strategies() -> dict[str, Registered]:
     load_plugins()
-    return dict(sorted(_state.selectors.items()))
+    return dict(sorted(_state.strategies.items()))
+
+
+#: The 0.1 names of `get_strategy` and `strategies`, kept for plugins and scripts written against them.
+get_selector = get_strategy
+selectors = strategies
 
 
 def get_model_builder(name: str) -> Callable:

@@ -45,7 +45,7 @@ from dataselect.models import ScoringModel, build_model, input_dtype
 from dataselect.names import SESSION_SIGNALS
 from dataselect.policies import POLICIES, VARIABLE_SIZE_POLICIES, apply_policy
 from dataselect.proxy import SessionProxy
-from dataselect.registry import get_model_builder, get_selector, selectors
+from dataselect.registry import get_model_builder, get_strategy, strategies
 from dataselect.strategy import Pool, Progress, Report, Selection, SessionContext
 
 log = logging.getLogger("dataselect.scoring")
@@ -123,7 +123,7 @@ class ScoringSession:
         if that fails); `input_scale` in (0, 1] scores on inputs downscaled by
         that factor (refused at open for models that cannot take them).
         """
-        cls = get_selector(strategy)
+        cls = get_strategy(strategy)
         if num_classes < 2:
             raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
         if dataset_size < 0:
@@ -571,7 +571,7 @@ class ScoringSession:
                 raise PluginError(f"{self.plugin_label} raised {type(exc).__name__}: {exc}") from exc
             return self._check_selection(sel, len(pool), budget, policy)
         except PluginError as exc:
-            reg = selectors().get(self.strategy)
+            reg = strategies().get(self.strategy)
             if reg is None or reg.plugin in str(exc):
                 raise
             origin = " ".join(p for p in (reg.distribution, reg.version) if p)

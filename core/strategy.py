@@ -21,7 +21,7 @@ from dataselect.names import MODES, SIGNALS, parse_bool
 from dataselect.policies import Selection, apply_policy
 
 #: Training modes and signal names live in `dataselect.names` (one spelling for CLIs, engine and plugins).
-__all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Selector",
+__all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Strategy", "Selector",
            "IrreducibleTraining"]
 
 
@@ -105,7 +105,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What the trainer knows about a run when it opens a session (see `Selector.plan`)."""
+    """What the trainer knows about a run when it opens a session (see `Strategy.plan`)."""
 
     #: Total training epochs.
     epochs: int
@@ -121,7 +121,7 @@ class RunPlan:
 
 @dataclass(frozen=True)
 class IrreducibleTraining:
-    """How the trainer trains the irreducible-loss model a strategy asks for (see `Selector.irreducible_training`).
+    """How the trainer trains the irreducible-loss model a strategy asks for (see `Strategy.irreducible_training`).
 
     The trainer holds out the ids of `dataselect.holdout.HoldOut(share, session seed)`, trains a freshly
     initialised copy of the model on them for `epochs` epochs with AdamW (`lr`, `weight_decay`), counts the
@@ -165,7 +165,7 @@ class Report:
         return int(self.ids.shape[0])
 
 
-class Selector:
+class Strategy:
     """Base class for selection strategies.
 
     Subclasses set the class attributes and override `score` (and, for
@@ -225,7 +225,7 @@ class Selector:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "select_kind" not in cls.__dict__:
-            cls.select_kind = "score_then_policy" if cls.select is Selector.select else "whole_pool"
+            cls.select_kind = "score_then_policy" if cls.select is Strategy.select else "whole_pool"
         if cls.select_kind not in ("score_then_policy", "whole_pool"):
             raise TypeError(f"{cls.__name__}.select_kind must be 'score_then_policy' or 'whole_pool', "
                             f"got {cls.select_kind!r}")
@@ -299,3 +299,8 @@ class Selector:
     def on_report(self, report: Report) -> None:
         """Training-side statistics for samples just trained on (default: ignored). One `Report`
         argument, as `score` gets one `Pool`, so the statistics can grow without breaking strategies."""
+
+
+#: The 0.1 name of `Strategy`, kept so plugins written against it still load (one concept, one word:
+#: new code says Strategy).
+Selector = Strategy

@@ -43,7 +43,7 @@ import torch
 from dataselect.checkpoint import make_checkpoint
 from dataselect.errors import DataselectError, InvalidArgument
 from dataselect.models import build_model
-from dataselect.registry import get_selector, selectors
+from dataselect.registry import get_strategy, strategies
 from dataselect.scoring import PoolChunk, ScoringSession
 from dataselect.strategy import Progress
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                         help="strategy option (repeatable)")
     args = parser.parse_args(argv)
-    names = list(selectors()) if args.all else args.strategies
+    names = list(strategies()) if args.all else args.strategies
     if not names:
         parser.error("name a strategy or pass --all")
     options = {}
@@ -230,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         options[key] = value
     try:
         for name in names:
-            get_selector(name)
+            get_strategy(name)
     except DataselectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failures = 0
-    registered = selectors()
+    registered = strategies()
     for name in names:
         reg = registered[name]
         origin = " ".join(p for p in (reg.distribution, reg.version) if p)

@@ -3,7 +3,9 @@
 The plugin manager and the strategy API live in the core (`dataselect.registry`,
 `dataselect.strategy`, `dataselect.policies`, `dataselect.hookspecs`); this package re-exports
 them under the names plugins have always used, and holds the built-in plugins
-(`builtin_models`, `builtin_selectors`, `builtin_datasets`) and strategies (`strategies`).
+(`builtin_models`, `builtin_strategies`, `builtin_datasets`) and strategies (`strategies`).
+The registry's `strategies()` is not re-exported here, where `strategies` names the built-in strategies'
+package; `selectors()`, its 0.1 name, is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataselect.registry import (
     get_dataset_loader,
     get_model_builder,
     get_selector,
+    get_strategy,
     hook_names,
     load_plugins,
     models,
@@ -28,5 +31,5 @@ from dataselect.registry import (
 )
 
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "Registered", "datasets", "get_dataset_loader", "get_model_builder",
-           "get_selector", "hook_names", "load_plugins", "models", "plugins", "pm", "register_plugin", "selectors",
-           "unregister_plugin"]
+           "get_strategy", "hook_names", "load_plugins", "models", "plugins", "pm", "register_plugin",
+           "unregister_plugin", "get_selector", "selectors"]

@@ -13,8 +13,9 @@ from dataselect.strategy import (
     RunPlan,
     Selection,
     Selector,
+    Strategy,
     SessionContext,
 )
 
-__all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Selector",
+__all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Strategy", "Selector",
            "IrreducibleTraining"]

@@ -3,6 +3,6 @@ documentation) for plugins that import `hookimpl` from here."""
 
 from __future__ import annotations
 
-from dataselect.hookspecs import PROJECT, hookimpl, hookspec, register_datasets, register_models, register_selectors
+from dataselect.hookspecs import PROJECT, hookimpl, hookspec, register_datasets, register_models, register_strategies
 
-__all__ = ["PROJECT", "hookimpl", "hookspec", "register_datasets", "register_models", "register_selectors"]
+__all__ = ["PROJECT", "hookimpl", "hookspec", "register_datasets", "register_models", "register_strategies"]

@@ -313,7 +313,7 @@ def run_until_stopped(*, host, port, device, max_message_mb, micro_batch, precis
                    trim_memory=trim_memory) as running:
             log.info("dataselect-server listening on %s (%s, %s), device %s, strategies: %s",
                      running.address, "TLS" if running.tls else "plaintext",
-                     "token required" if tokens else "no token", running.device, ", ".join(registry.selectors()))
+                     "token required" if tokens else "no token", running.device, ", ".join(registry.strategies()))
             log.info("scoring engine: micro-batch %s, precision %s, channels-last %s, compile %s",
                      micro_batch, precision, channels_last, "on" if compile_model else "off")
             print(f"listening on {running.address}", flush=True)

@@ -37,7 +37,7 @@ from dataselect.errors import (
 )
 from dataselect.exported import load_exported
 from dataselect.models import build_model, input_dtype
-from dataselect.registry import get_model_builder, models, selectors
+from dataselect.registry import get_model_builder, models, strategies
 from dataselect.scoring import PoolChunk, ScoringSession
 from dataselect.server.auth import principal_of
 from dataselect.server.sessions import SessionStore
@@ -274,7 +274,7 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             )
             try:
                 # Name the registering plugin too, so a failing third-party strategy is easy to trace.
-                plugin = selectors()[request.strategy].plugin
+                plugin = strategies()[request.strategy].plugin
                 session.plugin_label = f"strategy {request.strategy!r} (plugin {plugin!r})"
                 session_id = self.store.add(session, principal, reserved=estimate or 0)
             except BaseException:
@@ -557,15 +557,15 @@ class SelectionServicer(pb_grpc.SelectionServicer):
 
     # -- introspection ---------------------------------------------------------------
     def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeResponse:
-        strategies = []
-        for name, reg in selectors().items():
+        infos = []
+        for name, reg in strategies().items():
             info = reg.obj.info()
-            strategies.append(pb.StrategyInfo(
+            infos.append(pb.StrategyInfo(
                 name=name, description=info["description"], default_mode=info["default_mode"],
                 default_policy=info["default_policy"], plugin=reg.plugin,
                 options_json=json.dumps(info["options"], default=str),
             ))
-        return pb.DescribeResponse(version=__version__, device=str(self.device), strategies=strategies,
+        return pb.DescribeResponse(version=__version__, device=str(self.device), strategies=infos,
                                    models=list(models()), max_message_bytes=self.max_message_bytes)
 
 

@@ -136,7 +136,7 @@ def test_plugins_and_models_commands():
     res = runner.invoke(dataselect_cli, ["plugins", "--json"])
     assert res.exit_code == 0, res.output
     names = {row["name"] for row in json.loads(res.output)}
-    assert "dataselect.plugins.builtin_selectors" in names
+    assert "dataselect.plugins.builtin_strategies" in names
     res = runner.invoke(dataselect_cli, ["models"])
     assert res.exit_code == 0 and "cnn-small" in res.output and "resnet18" in res.output
     res = runner.invoke(dataselect_cli, ["strategies"])

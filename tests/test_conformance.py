@@ -7,17 +7,17 @@ import pytest
 import torch
 
 import dataselect
-from dataselect.plugins import register_plugin, selectors, unregister_plugin
-from dataselect.plugins.base import Pool, Selection, Selector
+from dataselect.registry import register_plugin, strategies, unregister_plugin
+from dataselect.plugins.base import Pool, Selection, Strategy
 from dataselect.testing import CHECKS, ConformanceError, check_strategy, run_checks
 
 
-@pytest.mark.parametrize("name", sorted(selectors()))
+@pytest.mark.parametrize("name", sorted(strategies()))
 def test_every_registered_strategy_conforms(name):
     check_strategy(name)
 
 
-class _OverBudget(Selector):
+class _OverBudget(Strategy):
     name = "test_over_budget"
     description = "selects one sample too many"
 
@@ -25,7 +25,7 @@ class _OverBudget(Selector):
         return Selection(indices=torch.arange(min(budget + 1, len(pool))))
 
 
-class _Unseeded(Selector):
+class _Unseeded(Strategy):
     name = "test_unseeded"
     description = "ignores the session's generator"
 
@@ -35,7 +35,7 @@ class _Unseeded(Selector):
 
 class _Plugin:
     @dataselect.hookimpl
-    def register_selectors(self, register):
+    def register_strategies(self, register):
         register(_OverBudget)
         register(_Unseeded)
 

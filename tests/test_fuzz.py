@@ -195,9 +195,9 @@ def test_fuzz_open_session(stub, data):
                                          '{"beta": NaN}', '{"beta": Infinity}', '{"warmup_epochs": 1000000000000}',
                                          '{"schedule": "power"}', "x" * 70_000])
                         | st.text(max_size=30))
-    from dataselect.plugins import selectors
+    from dataselect.registry import strategies
 
-    strategy = data.draw(st.sampled_from(sorted(selectors()) + ["", "nope", "s" * 300_000]))
+    strategy = data.draw(st.sampled_from(sorted(strategies()) + ["", "nope", "s" * 300_000]))
     req = pb.OpenSessionRequest(strategy=strategy, options_json=options,
                                 model=pb.ModelSpec(name=data.draw(st.sampled_from(["mlp", "cnn-small", "", "nope"])),
                                                    kwargs_json=kwargs),

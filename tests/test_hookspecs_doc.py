@@ -45,7 +45,7 @@ def guide() -> str:
 
 
 def test_there_are_hooks():
-    assert {"register_selectors", "register_models"} <= set(hooks())
+    assert {"register_strategies", "register_models"} <= set(hooks())
 
 
 def test_the_compatibility_rule_is_stated():

@@ -17,7 +17,7 @@ from dataselect import codec
 from dataselect.checkpoint import make_checkpoint, to_bytes
 from dataselect.models import build_model
 from dataselect.plugins import register_plugin, unregister_plugin
-from dataselect.plugins.base import Selector
+from dataselect.plugins.base import Strategy
 from dataselect.plugins.hookspecs import hookimpl
 from dataselect.server import serve
 from dataselect.status import MAX_DETAILS_BYTES
@@ -336,7 +336,7 @@ def test_a_huge_strategy_name_gets_a_short_invalid_argument(stub, sid):
            contains=("model.name",))
 
 
-class _Loud(Selector):
+class _Loud(Strategy):
     name = "loud_for_test"
     description = "raises an exception with a very long message"
     signals = frozenset()
@@ -347,7 +347,7 @@ class _Loud(Selector):
 
 class _LoudPlugin:
     @hookimpl
-    def register_selectors(self, register):
+    def register_strategies(self, register):
         register(_Loud)
 
 

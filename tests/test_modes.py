@@ -17,13 +17,13 @@ import dataselect
 from dataselect.client import session as session_mod
 from dataselect.client.train import TrainConfig, train
 from dataselect.plugins import register_plugin, unregister_plugin
-from dataselect.plugins.base import Option, Pool, Report, Selection, Selector
+from dataselect.plugins.base import Option, Pool, Report, Selection, Strategy
 
 #: What the recorder saw in the current test: ("select"|"report", epoch, total_epochs, ids, weights).
 EVENTS: list[tuple] = []
 
 
-class _Recorder(Selector):
+class _Recorder(Strategy):
     """Selects at random by `kind`: exact (a fixed-size subset), replace (draws with
     replacement, weights 1..3) or variable (1..budget samples); records every call."""
 
@@ -64,7 +64,7 @@ class _Recorder(Selector):
 
 class _RecorderPlugin:
     @dataselect.hookimpl
-    def register_selectors(self, register):
+    def register_strategies(self, register):
         register(_Recorder)
 
 

@@ -123,7 +123,7 @@ def test_the_readme_guide_builds_an_installable_plugin(venv_python, tmp_path, se
     assert row["signals"] == ["probs"] and "temperature" in row["options"]
     assert "least_confidence" in run(venv_python, [*DATASELECT, "strategies"]).stdout
     plugin_rows = {r["name"]: r for r in json.loads(run(venv_python, [*DATASELECT, "plugins", "--json"]).stdout)}
-    assert plugin_rows["leastconf"]["hooks"] == ["register_selectors"] and plugin_rows["leastconf"]["error"] is None
+    assert plugin_rows["leastconf"]["hooks"] == ["register_strategies"] and plugin_rows["leastconf"]["error"] is None
 
     # the same interpreter outside the venv knows nothing of it (the test does not leak into this environment)
     assert "least_confidence" not in json.dumps([r["name"] for r in json.loads(

@@ -28,16 +28,16 @@ from dataselect.client.remote import RemoteScorer
 from dataselect.client.scorer import SessionSpec
 from dataselect.errors import DataselectError, InvalidArgument, PluginError
 from dataselect.models import Classifier, build_model
-from dataselect.plugins import (
+from dataselect.registry import (
     _reset_for_tests,
-    get_selector,
+    get_strategy,
     models,
     plugins,
     register_plugin,
-    selectors,
+    strategies,
     unregister_plugin,
 )
-from dataselect.plugins.base import Pool, Progress, Selection, Selector
+from dataselect.plugins.base import Pool, Progress, Selection, Strategy
 from dataselect.scoring import PoolChunk, ScoringSession
 from dataselect.testing import CHECKS, check_strategy, run_checks
 
@@ -49,9 +49,9 @@ EXAMPLE = REPO / "examples" / "dataselect-el2n"
 FAKE_MODULES = {
     "dstest_good": """
         import dataselect
-        from dataselect.plugins.base import Selector
+        from dataselect.plugins.base import Strategy
 
-        class Good(Selector):
+        class Good(Strategy):
             name = "test_ep_good"
             description = "from a fake entry point"
             signals = frozenset({"loss"})
@@ -60,7 +60,7 @@ FAKE_MODULES = {
                 return pool.signals["loss"]
 
         @dataselect.hookimpl
-        def register_selectors(register):
+        def register_strategies(register):
             register(Good)
     """,
     "dstest_import_error": """
@@ -70,19 +70,19 @@ FAKE_MODULES = {
         import dataselect
 
         @dataselect.hookimpl
-        def register_selector(register):  # missing "s"
+        def register_strategie(register):  # missing "s"
             pass
     """,
     "dstest_clash": """
         import dataselect
-        from dataselect.plugins.base import Selector
+        from dataselect.plugins.base import Strategy
 
-        class Clash(Selector):
+        class Clash(Strategy):
             name = "high_loss"  # taken by the built-ins
             description = "clashes"
 
         @dataselect.hookimpl
-        def register_selectors(register):
+        def register_strategies(register):
             register(Clash)
     """,
 }
@@ -124,13 +124,13 @@ def _rows():
 def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_load(fake_entry_points):
     fake_entry_points()
     rows = _rows()
-    assert selectors()["test_ep_good"].plugin == "good"
-    assert rows["good"]["error"] is None and rows["good"]["hooks"] == ["register_selectors"]
+    assert strategies()["test_ep_good"].plugin == "good"
+    assert rows["good"]["error"] is None and rows["good"]["hooks"] == ["register_strategies"]
     assert "import-error" in rows["import-error"]["error"]
     assert "RuntimeError: boom while importing" in rows["import-error"]["error"]
     assert "'missing'" in rows["missing"]["error"] and "ModuleNotFoundError" in rows["missing"]["error"]
     # built-ins are untouched, and the clash did not replace high_loss
-    assert selectors()["high_loss"].plugin == "dataselect.plugins.builtin_selectors"
+    assert strategies()["high_loss"].plugin == "dataselect.plugins.builtin_strategies"
     assert "registered twice" in rows["clash"]["error"] and "'clash'" in rows["clash"]["error"]
     # `dataselect plugins` shows the same, and exits 0
     out = CliRunner().invoke(cli, ["plugins"])
@@ -139,14 +139,14 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_load(fake_entry_
     assert "ERROR:" in line and "boom while importing" in line
     # asking for a strategy that is not there points at the failures
     with pytest.raises(InvalidArgument, match="failed to load.*boom while importing"):
-        get_selector("test_ep_missing")
+        get_strategy("test_ep_missing")
 
 
 def test_a_misspelt_hook_in_an_entry_point_plugin_names_the_hook_and_the_plugin(fake_entry_points):
     fake_entry_points()
     err = _rows()["misspelt"]["error"]
     assert "plugin 'misspelt'" in err
-    assert "unknown hook 'register_selector'" in err and "did you mean 'register_selectors'" in err
+    assert "unknown hook 'register_strategie'" in err and "did you mean 'register_strategies'" in err
     assert pm_has_no("misspelt")
 
 
@@ -158,34 +158,34 @@ def test_allowlist_and_denylist(fake_entry_points, monkeypatch):
     monkeypatch.setenv("DATASELECT_PLUGINS", "good")
     fake_entry_points()
     assert set(_rows()) == set(registry.DEFAULT_PLUGINS) | {"good"}
-    assert "test_ep_good" in selectors() and "high_loss" in selectors()
+    assert "test_ep_good" in strategies() and "high_loss" in strategies()
 
     monkeypatch.setenv("DATASELECT_PLUGINS", "")  # nothing third-party; built-ins always load
     fake_entry_points()
     assert set(_rows()) == set(registry.DEFAULT_PLUGINS)
-    assert "test_ep_good" not in selectors() and "high_loss" in selectors() and "cnn-small" in models()
+    assert "test_ep_good" not in strategies() and "high_loss" in strategies() and "cnn-small" in models()
 
     monkeypatch.delenv("DATASELECT_PLUGINS")
     monkeypatch.setenv("DATASELECT_PLUGINS_DENY", "good, import-error")
     fake_entry_points()
     rows = _rows()
     assert "good" not in rows and "import-error" not in rows and "missing" in rows
-    assert "test_ep_good" not in selectors()
+    assert "test_ep_good" not in strategies()
 
 
 def test_reset_keeps_runtime_plugins(fake_entry_points):
     class P:
         @dataselect.hookimpl
-        def register_selectors(self, register):
+        def register_strategies(self, register):
             register(_Raises)
 
     register_plugin(P(), "runtime-kept")
     try:
         fake_entry_points()
-        assert "test_raises" in selectors() and "test_ep_good" in selectors()
+        assert "test_raises" in strategies() and "test_ep_good" in strategies()
     finally:
         unregister_plugin("runtime-kept")
-    assert "test_raises" not in selectors()
+    assert "test_raises" not in strategies()
 
 
 def test_register_plugin_names_a_misspelt_hook():
@@ -202,7 +202,7 @@ def test_register_plugin_names_a_misspelt_hook():
 def test_a_hook_with_unknown_arguments_is_refused():
     class WrongArgs:
         @dataselect.hookimpl
-        def register_selectors(self, register, colour):
+        def register_strategies(self, register, colour):
             pass
 
     with pytest.raises(PluginError, match="plugin 'wrong-args'.*colour"):
@@ -270,7 +270,7 @@ def test_a_plugin_model_is_built_by_the_server(server):
 
 # -- isolation: broken strategies ------------------------------------------------------------------------
 
-class _Raises(Selector):
+class _Raises(Strategy):
     name = "test_raises"
     description = "score() raises"
     signals = frozenset({"loss"})
@@ -279,7 +279,7 @@ class _Raises(Selector):
         raise ValueError("kaboom in the plugin")
 
 
-class _WrongShape(Selector):
+class _WrongShape(Strategy):
     name = "test_wrong_shape"
     description = "score() returns one score too few"
     signals = frozenset({"loss"})
@@ -288,7 +288,7 @@ class _WrongShape(Selector):
         return pool.signals["loss"][:-1]
 
 
-class _WrongShape2D(Selector):
+class _WrongShape2D(Strategy):
     name = "test_wrong_shape_2d"
     description = "score() returns the probabilities instead of one score per sample"
     default_policy = "class_balanced"
@@ -298,7 +298,7 @@ class _WrongShape2D(Selector):
         return pool.signals["probs"]
 
 
-class _NaN(Selector):
+class _NaN(Strategy):
     name = "test_nan"
     description = "score() returns NaN"
     signals = frozenset({"loss"})
@@ -309,7 +309,7 @@ class _NaN(Selector):
         return s
 
 
-class _BadSelect(Selector):
+class _BadSelect(Strategy):
     name = "test_bad_select"
     description = "select() returns positions beyond the pool and scores of the wrong length"
 
@@ -317,7 +317,7 @@ class _BadSelect(Selector):
         return Selection(indices=torch.arange(budget) + len(pool), scores=torch.zeros(3))
 
 
-class _BadScoresFromSelect(Selector):
+class _BadScoresFromSelect(Strategy):
     name = "test_bad_select_scores"
     description = "select() returns valid positions but scores of the wrong length"
 
@@ -338,7 +338,7 @@ BROKEN = {
 
 class _BrokenPlugin:
     @dataselect.hookimpl
-    def register_selectors(self, register):
+    def register_strategies(self, register):
         for cls in (_Raises, _WrongShape, _WrongShape2D, _NaN, _BadSelect, _BadScoresFromSelect):
             register(cls)
 

@@ -18,7 +18,7 @@ from dataselect.engine import compute_signals
 from dataselect.errors import InvalidArgument, PluginError
 from dataselect.models import build_model
 from dataselect.plugins import register_plugin, unregister_plugin
-from dataselect.plugins.base import Pool, Progress, Selection, Selector
+from dataselect.plugins.base import Pool, Progress, Selection, Strategy
 from dataselect.plugins.hookspecs import hookimpl
 from dataselect.proxy import (
     build_proxy,
@@ -215,7 +215,7 @@ def test_psp_passes_the_conformance_kit():
     check_strategy("dynams", {"proxy": "psp", "kind": "logit", "schedule": "power"})
 
 
-class _Diagnosing(Selector):
+class _Diagnosing(Strategy):
     name = "test-diagnosing"
 
     def __init__(self, options=None, context=None):
@@ -229,7 +229,7 @@ class _Diagnosing(Selector):
 
 class _DiagnosingPlugin:
     @hookimpl
-    def register_selectors(self, register):
+    def register_strategies(self, register):
         register(_Diagnosing)
 
 

@@ -156,11 +156,11 @@ def test_a_malformed_address_fails_at_once(address, words):
 
 SLOW_PLUGIN = textwrap.dedent('''
     import os, pathlib, time
-    from dataselect.plugins.base import Selector
+    from dataselect.plugins.base import Strategy
     from dataselect.plugins.hookspecs import hookimpl
     import torch
 
-    class Slow(Selector):
+    class Slow(Strategy):
         name = "slow_for_test"
         description = "announces itself, then takes a while"
         default_mode = "online"
@@ -173,7 +173,7 @@ SLOW_PLUGIN = textwrap.dedent('''
             return torch.arange(len(pool), dtype=torch.float32)
 
     @hookimpl
-    def register_selectors(register):
+    def register_strategies(register):
         register(Slow)
 ''')
 

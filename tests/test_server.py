@@ -201,7 +201,7 @@ def test_describe(stub, server):
     resp = stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT)
     by_name = {s.name: s for s in resp.strategies}
     assert {"random", "high_loss"} <= set(by_name)
-    assert by_name["high_loss"].plugin == "dataselect.plugins.builtin_selectors"
+    assert by_name["high_loss"].plugin == "dataselect.plugins.builtin_strategies"
     assert by_name["high_loss"].default_policy == "topk"
     assert MODEL in resp.models and "cnn-small" in resp.models
     assert resp.device == "cpu" and resp.max_message_bytes == 8 * 2**20
@@ -289,7 +289,7 @@ def test_unexpected_exception_is_internal_and_server_survives(stub, server, read
         raise ZeroDivisionError("boom")
 
     # The servicer's handlers are bound at start-up; break something they call instead.
-    monkeypatch.setattr("dataselect.server.service.selectors", broken)
+    monkeypatch.setattr("dataselect.server.service.strategies", broken)
     details = expect_code(grpc.StatusCode.INTERNAL, stub.Describe, pb.DescribeRequest(), timeout=TIMEOUT)
     assert "ZeroDivisionError" in details and "boom" in details
     assert_serves(stub, ready_session)

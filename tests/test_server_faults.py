@@ -22,7 +22,7 @@ from dataselect.checkpoint import make_checkpoint, to_bytes
 from dataselect.engine import DEFAULT_MICRO_BATCH
 from dataselect.models import build_model
 from dataselect.plugins import register_plugin, unregister_plugin
-from dataselect.plugins.base import Selector
+from dataselect.plugins.base import Strategy
 from dataselect.plugins.hookspecs import hookimpl
 from dataselect.server import serve
 from dataselect.v1 import selection_pb2 as pb
@@ -206,7 +206,7 @@ def test_unknown_strategy_option_model_and_option_type(stub, sid):
            contains=("resnet9000", MODEL, "cnn-small"))
     expect(stub, sid, C.INVALID_ARGUMENT, stub.OpenSession, open_req(strategy="random", options='{"bogus": 1}'),
            contains=("bogus", "known options"))
-    options = {n: o for n, o in __import__("dataselect.plugins", fromlist=["x"]).selectors().items()
+    options = {n: o for n, o in __import__("dataselect.registry", fromlist=["x"]).strategies().items()
                if n != "random" and o.obj.options}
     name, reg = next(iter(options.items()))
     opt_name, opt = next(iter(reg.obj.options.items()))
@@ -339,7 +339,7 @@ def test_remote_scorer_streams_large_pools_and_names_the_limit(server, model):
             remote.select(ids, inputs, labels, 10, Progress())
 
 
-class _Exploding(Selector):
+class _Exploding(Strategy):
     name = "exploding_for_test"
     description = "raises"
     default_mode = "online"
@@ -352,7 +352,7 @@ class _Exploding(Selector):
 
 class _ExplodingPlugin:
     @hookimpl
-    def register_selectors(self, register):
+    def register_strategies(self, register):
         register(_Exploding)
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from dataselect.errors import InvalidArgument
-from dataselect.plugins import get_selector
+from dataselect.plugins import get_strategy
 from dataselect.plugins.base import Pool, Progress, Report, RunPlan, SessionContext
 from dataselect.plugins.strategies.mrmc import fit_reduction
 
 
 def make(name, **opts):
     ctx = SessionContext(num_classes=3, generator=torch.Generator().manual_seed(0))
-    return get_selector(name)(opts, ctx)
+    return get_strategy(name)(opts, ctx)
 
 
 def pool(ids, labels=None, progress=None, **signals):
@@ -212,10 +212,10 @@ def test_dynams_psp_options():
 # -- options are bounded at open -------------------------------------------------------------
 
 def _numeric_options():
-    from dataselect.plugins import selectors
+    from dataselect.registry import strategies
 
-    for name in sorted(selectors()):
-        for key, opt in get_selector(name).options.items():
+    for name in sorted(strategies()):
+        for key, opt in get_strategy(name).options.items():
             if opt.type in (int, float):
                 yield name, key, opt
 
@@ -237,15 +237,15 @@ def test_every_numeric_option_is_bounded_and_its_bounds_are_usable(name, key, op
 
 
 def test_mrmc_table_is_bounded_by_the_largest_warmup():
-    sel = make("mrmc", warmup_epochs=get_selector("mrmc").options["warmup_epochs"].max)
+    sel = make("mrmc", warmup_epochs=get_strategy("mrmc").options["warmup_epochs"].max)
     sel.on_report(Report(torch.arange(1000), torch.rand(1000), None, None, Progress(epoch=0)))
     assert sel.table.data["loss"].numel() * 8 <= 1024 * 100 * 8  # rows grow by doubling from 64: 1024 × 100
 
 
-# -- warm-ups fitted to the run (Selector.plan) --------------------------------------------------
+# -- warm-ups fitted to the run (Strategy.plan) --------------------------------------------------
 
 def plan(name, epochs, mode=None, **options):
-    cls = get_selector(name)
+    cls = get_strategy(name)
     return cls.plan(cls.resolve_options(options), RunPlan(epochs=epochs, mode=mode or cls.default_mode))
 
 
@@ -256,11 +256,11 @@ def plan(name, epochs, mode=None, **options):
     ("dynams", 2, None, 1.0), ("dynams", 1, "online", 0.5), ("dynams", 3, "online", 1.0),
 ])
 def test_a_warmup_that_fits_is_kept_and_one_that_fills_the_run_is_halved_with_a_warning(name, epochs, mode, expect):
-    default = get_selector(name).options["warmup_epochs"].default
+    default = get_strategy(name).options["warmup_epochs"].default
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = plan(name, epochs, mode)["warmup_epochs"]
-    assert got == expect and type(got) is type(get_selector(name).options["warmup_epochs"].default)
+    assert got == expect and type(got) is type(get_strategy(name).options["warmup_epochs"].default)
     if expect == default:
         assert not caught
     else:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataselect.errors import InvalidArgument
-from dataselect.plugins import get_selector, selectors
+from dataselect.registry import get_strategy, strategies
 from dataselect.plugins.base import Pool, Progress, RunPlan, SessionContext
 from dataselect.plugins.strategies.glister import (
     glister_greedy,
@@ -21,7 +21,7 @@ from dataselect.plugins.strategies.tracin import step_size
 
 def make(name, seed=0, **opts):
     ctx = SessionContext(num_classes=3, seed=seed, generator=torch.Generator().manual_seed(0))
-    return get_selector(name)(opts, ctx)
+    return get_strategy(name)(opts, ctx)
 
 
 def pool(ids, labels=None, step=0, fraction=0.0, **signals):
@@ -31,11 +31,11 @@ def pool(ids, labels=None, step=0, fraction=0.0, **signals):
 
 
 def test_both_are_registered_and_declare_their_modes():
-    assert {"tracin", "glister"} <= set(selectors())
-    assert get_selector("tracin").default_mode == "subset" and get_selector("glister").default_mode == "subset"
-    assert get_selector("tracin").select_kind == "score_then_policy"
-    assert get_selector("tracin").default_policy == "class_balanced"
-    assert get_selector("glister").select_kind == "whole_pool"
+    assert {"tracin", "glister"} <= set(strategies())
+    assert get_strategy("tracin").default_mode == "subset" and get_strategy("glister").default_mode == "subset"
+    assert get_strategy("tracin").select_kind == "score_then_policy"
+    assert get_strategy("tracin").default_policy == "class_balanced"
+    assert get_strategy("glister").select_kind == "whole_pool"
 
 
 # -- tracin ------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_tracin_prefer_low_drops_the_most_self_influential():
 
 
 def test_tracin_plan_fits_the_warmup():
-    tracin = get_selector("tracin")
+    tracin = get_strategy("tracin")
     opts = tracin.resolve_options({})
     assert opts["warmup_epochs"] == 1.0
     assert tracin.plan(opts, RunPlan(epochs=3, mode="subset")) == opts
@@ -260,7 +260,7 @@ def test_glister_is_the_greedy_on_the_pool_signals():
 
 
 def test_glister_plan_warns_when_the_fraction_reaches_the_held_out_share():
-    glister = get_selector("glister")
+    glister = get_strategy("glister")
     opts = glister.resolve_options({"validation": 0.2})
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,4 +1,4 @@
-"""The published strategies beyond the baselines (registered by `plugins.builtin_selectors`)."""
+"""The published strategies beyond the baselines (registered by `plugins.builtin_strategies`)."""
 
 from dataselect.plugins.strategies.glister import GlisterSelector
 from dataselect.plugins.strategies.mrmc import MRMCSelector

@@ -10,7 +10,7 @@ import torch
 from dataselect.holdout import HoldOut, warn_if_fraction_reaches
 from dataselect.plugins.strategies.warmup import fit_warmup
 from dataselect.policies import apply_policy
-from dataselect.strategy import Option, Pool, RunPlan, Selection, Selector
+from dataselect.strategy import Option, Pool, RunPlan, Selection, Strategy
 
 
 def last_layer_inputs(features: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ def glister_greedy(errors: torch.Tensor, inputs: torch.Tensor, val_logits: torch
     return torch.tensor(picks, dtype=torch.long), first
 
 
-class GlisterSelector(Selector):
+class GlisterSelector(Strategy):
     """GLISTER-ONLINE (Killamsetty et al., AAAI 2021) against a validation share held out of the training ids.
 
     GLISTER picks the training subset S (|S| = k) that most raises the

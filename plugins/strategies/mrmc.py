@@ -11,7 +11,7 @@ from dataselect.errors import InvalidArgument
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
 from dataselect.policies import apply_policy, topk
-from dataselect.strategy import Option, Pool, Progress, Report, RunPlan, Selection, Selector
+from dataselect.strategy import Option, Pool, Progress, Report, RunPlan, Selection, Strategy
 
 #: The most warm-up epochs MRMC records: its loss table holds samples × warmup_epochs float64 values
 #: (60,000 samples × 100 = 48 MB); the paper warms up for 10 to 20 epochs.
@@ -41,7 +41,7 @@ def fit_reduction(losses: torch.Tensor, horizon: int) -> torch.Tensor:
     return torch.where(ok, phi, torch.zeros_like(phi))
 
 
-class MRMCSelector(Selector):
+class MRMCSelector(Strategy):
     """MRMC / MRMC-R (ICML 2025): a static core-set of the samples whose loss falls most.
 
     Training-side reports during the first `warmup_epochs` epochs (0-based

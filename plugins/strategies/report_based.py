@@ -2,7 +2,7 @@
 
 These keep a variable number of samples or draw with replacement, so they
 declare `exact_budget = False` or `with_replacement = True` (see
-`plugins.base.Selector`). They choose samples by their own rule; the request's
+`plugins.base.Strategy`). They choose samples by their own rule; the request's
 policy is not used. Selective Backprop and InfoBatch are `self_sized`: the
 trainer asks them with the whole pool as the budget and trains on whatever
 their rule keeps (0..pool), as their authors' code does.
@@ -18,7 +18,7 @@ import torch
 
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
-from dataselect.strategy import Option, Pool, Progress, Report, RunPlan, Selection, Selector
+from dataselect.strategy import Option, Pool, Progress, Report, RunPlan, Selection, Strategy
 
 #: Upper bound of every `warmup_epochs` option: more full-data epochs than any run has.
 MAX_WARMUP_EPOCHS = 1000
@@ -35,7 +35,7 @@ def _uniform_subset(kept: torch.Tensor, budget: int, generator: torch.Generator)
     return kept[torch.randperm(kept.numel(), generator=generator)[:budget]].sort().values
 
 
-class ImportanceSamplingSelector(Selector):
+class ImportanceSamplingSelector(Strategy):
     """Importance sampling after Quercia et al. (ICDM 2023): SGD biased towards the samples found important early.
 
     Importance w_i = 1 − p_{i,y_i} from the training-side reports (p_{i,y_i},
@@ -123,7 +123,7 @@ class ImportanceSamplingSelector(Selector):
         return Selection(indices=idx, weights=weights, scores=q.float())
 
 
-class SelectiveBackpropSelector(Selector):
+class SelectiveBackpropSelector(Strategy):
     """Selective Backprop (Jiang et al., arXiv 2019): keep each candidate with probability F(ℓ_i)^β.
 
     ℓ_i is the loss of the scoring pass over the pool (eval mode, as in the
@@ -183,7 +183,7 @@ class SelectiveBackpropSelector(Selector):
         return Selection(indices=kept, scores=keep_p.float())
 
 
-class InfoBatchSelector(Selector):
+class InfoBatchSelector(Strategy):
     """InfoBatch (Qin et al., ICLR 2024): prune a random part of the well-learned samples, rescale the rest.
 
     Scores are each sample's latest reported training loss (samples pruned from

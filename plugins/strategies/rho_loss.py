@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from dataselect.holdout import HoldOut, warn_if_fraction_reaches
-from dataselect.strategy import IrreducibleTraining, Option, Pool, RunPlan, Selector
+from dataselect.strategy import IrreducibleTraining, Option, Pool, RunPlan, Strategy
 
 
-class RhoLossSelector(Selector):
+class RhoLossSelector(Strategy):
     """Reducible holdout loss: the training loss minus the irreducible loss, largest first.
 
     Mindermann et al. (ICML 2022) select, from each large candidate batch, the

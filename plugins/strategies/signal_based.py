@@ -9,10 +9,10 @@ import torch
 from dataselect.errors import InvalidArgument
 from dataselect.plugins.strategies.warmup import fit_warmup
 from dataselect.policies import apply_policy
-from dataselect.strategy import Option, Pool, RunPlan, Selection, Selector
+from dataselect.strategy import Option, Pool, RunPlan, Selection, Strategy
 
 
-class HighGradientSelector(Selector):
+class HighGradientSelector(Strategy):
     """Largest per-sample gradient norm ‖∇_θ ℓ_i‖₂ first.
 
     Gradient-norm importance as in Katharopoulos & Fleuret (ICML 2018), who
@@ -43,7 +43,7 @@ class HighGradientSelector(Selector):
         return pool.signals[self.signal]
 
 
-class HighInfluenceSelector(Selector):
+class HighInfluenceSelector(Strategy):
     """Largest input-gradient norm ‖∂ℓ_i/∂x_i‖₂ first, x in [0, 1] scale (scoring pass, eval mode).
 
     How strongly a sample's loss reacts to its own input: a cheap sensitivity
@@ -62,7 +62,7 @@ class HighInfluenceSelector(Selector):
         return pool.signals["input_grad_norm"]
 
 
-class DynaMSSelector(Selector):
+class DynaMSSelector(Strategy):
     """DynaMS (Wang et al., ICLR 2023): the samples closest to (or beyond) the decision boundary.
 
     Score = −margin, so top-k takes the k smallest margins. `kind=boundary`

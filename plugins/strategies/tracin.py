@@ -8,7 +8,7 @@ import torch
 
 from dataselect.plugins.strategies.state import IdTable
 from dataselect.plugins.strategies.warmup import fit_warmup
-from dataselect.strategy import Option, Pool, Progress, RunPlan, Selector
+from dataselect.strategy import Option, Pool, Progress, RunPlan, Strategy
 
 
 def step_size(schedule: str, progress: Progress) -> float:
@@ -22,7 +22,7 @@ def step_size(schedule: str, progress: Progress) -> float:
     return 1.0
 
 
-class TracInSelector(Selector):
+class TracInSelector(Strategy):
     """TracInCP self-influence Σ_k η_k ‖∇_θ ℓ(z; θ_k)‖², summed over the checkpoints θ_k this scorer has seen.
 
     Pruthi et al. (NeurIPS 2020) define the influence of a training sample z on a

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 import dataselect
-from dataselect.plugins.base import Option, Pool, Report, Selector
+from dataselect.plugins.base import Option, Pool, Report, Strategy
 
 __version__ = "0.1.0"
 
 
-class EL2NSelector(Selector):
+class EL2NSelector(Strategy):
     """Largest error-vector norm ‖softmax(f(x_i)) − onehot(y_i)‖₂ first (Paul et al. 2021)."""
 
     name = "el2n"
@@ -45,7 +45,7 @@ class EL2NSelector(Selector):
 NEVER_LEARNED = 1e6
 
 
-class ForgettingSelector(Selector):
+class ForgettingSelector(Strategy):
     """Most forgetting events first (Toneva et al. 2019), from the trainer's reports.
 
     Each report says, per sample just trained on, whether the model classified
@@ -91,6 +91,6 @@ class ForgettingSelector(Selector):
 
 
 @dataselect.hookimpl
-def register_selectors(register):
+def register_strategies(register):
     register(EL2NSelector)
     register(ForgettingSelector)

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from dataselect.plugins import get_selector, selectors
+from dataselect.registry import get_strategy, strategies
 from dataselect.plugins.base import Pool, Progress, Report
 from dataselect.testing import check_strategy
 
 
 @pytest.mark.parametrize("name", ["el2n", "forgetting"])
 def test_registered_from_this_distribution(name):
-    assert selectors()[name].distribution == "dataselect-el2n"
+    assert strategies()[name].distribution == "dataselect-el2n"
 
 
 @pytest.mark.parametrize("name", ["el2n", "forgetting"])
@@ -22,13 +22,13 @@ def test_el2n_is_the_error_norm():
     probs = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 0])
     pool = Pool(ids=torch.arange(3), labels=labels, signals={"probs": probs}, progress=Progress())
-    scores = get_selector("el2n")().score(pool)
+    scores = get_strategy("el2n")().score(pool)
     expected = torch.tensor([0.1 * 2 ** 0.5, 0.5 * 2 ** 0.5, 0.9 * 2 ** 0.5])
     assert torch.allclose(scores, expected, atol=1e-6)
 
 
 def test_forgetting_counts_learned_then_forgotten():
-    sel = get_selector("forgetting")()
+    sel = get_strategy("forgetting")()
     ids = torch.tensor([1, 2, 3])
     zeros = torch.zeros(3)
     for correct in ([True, True, False], [False, True, False], [True, True, False], [False, True, False]):

@@ -7,10 +7,10 @@ import torch
 from dataselect.hookspecs import hookimpl
 from dataselect.plugins.strategies import STRATEGIES
 from dataselect.policies import apply_policy
-from dataselect.strategy import Pool, Selection, Selector
+from dataselect.strategy import Pool, Selection, Strategy
 
 
-class RandomSelector(Selector):
+class RandomSelector(Strategy):
     """Uniform sample without replacement: the baseline. Needs no forward pass."""
 
     name = "random"
@@ -29,7 +29,7 @@ class RandomSelector(Selector):
                             self.context.generator)
 
 
-class HighLossSelector(Selector):
+class HighLossSelector(Strategy):
     """The highest per-sample cross-entropy of the scoring pass (eval mode) first.
 
     The deterministic top-k form of the "biggest losers" idea of Jiang et al.
@@ -47,11 +47,11 @@ class HighLossSelector(Selector):
         return pool.signals["loss"]
 
 
-def _builtin_selectors() -> list[type[Selector]]:
+def _builtin_strategies() -> list[type[Strategy]]:
     return [RandomSelector, HighLossSelector, *STRATEGIES]
 
 
 @hookimpl
-def register_selectors(register):
-    for cls in _builtin_selectors():
+def register_strategies(register):
+    for cls in _builtin_strategies():
         register(cls)
