@@ -112,10 +112,13 @@ def format_cost_table(summary: dict[str, Any]) -> str:
         if remote:
             note += f"; wire and encoding {summary['transfer_seconds']:.2f} s (within the rows above)"
         lines.append(note)
-    if summary.get("proxy_width_ratio"):
+    aux = summary.get("auxiliary_loss")
+    if aux:
+        params = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in aux["params"].items())
         rho = summary.get("diagnostics", {}).get("proxy_rank_correlation")
-        lines.append(f"proxy: width ratio {summary['proxy_width_ratio']:g} trained jointly (its cost is in training)"
-                     + ("" if rho is None else f", rank correlation of its margins with the full model's {rho:.3f}"))
+        lines.append(f"auxiliary loss {aux['name']} (weight {aux['weight']:g}{', ' + params if params else ''}) "
+                     "trained jointly (its cost is in training)"
+                     + ("" if rho is None else f"; the proxy's margins rank like the full model's: {rho:.3f}"))
     lines.append(f"samples trained {summary['samples_trained']}, scored {summary['samples_scored']}"
                  + (f", model pushes {summary['checkpoint_pushes']} ({summary['checkpoint_bytes']} bytes)"
                     if remote else ""))

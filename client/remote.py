@@ -39,8 +39,9 @@ from dataselect import codec
 from dataselect.checkpoint import CHECKPOINT_DTYPES, FORMAT, to_bytes
 from dataselect.client.scorer import EmbeddedScorer, ScoreReply, ScorerCounters, SessionInfo, SessionSpec
 from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, NotFound
+from dataselect.names import SLIM_PROXY
 from dataselect.status import error_for
-from dataselect.strategy import Progress
+from dataselect.strategy import AuxiliaryLoss, Progress
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
@@ -90,6 +91,14 @@ def check_address(address: str) -> str:
         raise InvalidArgument(f"--server: {problem}")
     return address
 
+def auxiliary_loss_from_reply(resp: pb.OpenSessionResponse) -> AuxiliaryLoss | None:
+    """The loss term an OpenSession reply asks for; a 0.1 server's `proxy` is the slim proxy's."""
+    if resp.HasField("auxiliary_loss"):
+        aux = resp.auxiliary_loss
+        return AuxiliaryLoss(aux.name, aux.weight, json.loads(aux.params_json or "{}"))
+    if resp.HasField("proxy"):
+        return AuxiliaryLoss(SLIM_PROXY, resp.proxy.loss_weight, {"width_ratio": resp.proxy.width_ratio})
+    return None
 
 class ServerUnavailable(DataselectError):
     """The scoring server cannot be reached or did not answer in time."""
@@ -226,8 +235,7 @@ class RemoteScorer:
             session_id=resp.session_id, strategy=resp.strategy,
             resolved_options=json.loads(resp.resolved_options_json or "{}"), default_mode=resp.default_mode,
             policy=resp.policy, device=resp.device, signals=list(resp.signals), uses_reports=resp.uses_reports,
-            proxy_width_ratio=resp.proxy.width_ratio if resp.HasField("proxy") else 0.0,
-            proxy_loss_weight=resp.proxy.loss_weight if resp.HasField("proxy") else 0.0,
+            auxiliary_loss=auxiliary_loss_from_reply(resp),
         )
 
     def _missing_on_server(self, exc: InvalidArgument) -> InvalidArgument:

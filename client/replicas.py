@@ -351,8 +351,7 @@ class ReplicatedScorer:
         infos = [r.info for r in self._replicas if r is not None]
         first = infos[0]
         for k, other in enumerate(infos[1:], 2):
-            for name in ("strategy", "policy", "uses_reports", "signals", "resolved_options", "proxy_width_ratio",
-                         "proxy_loss_weight"):
+            for name in ("strategy", "policy", "uses_reports", "signals", "resolved_options", "auxiliary_loss"):
                 if getattr(other, name) != getattr(first, name):
                     raise InvalidArgument(
                         f"scoring replicas disagree on {name}: {self.addresses[0]} has {getattr(first, name)!r}, "
@@ -361,8 +360,7 @@ class ReplicatedScorer:
         return SessionInfo(session_id=",".join(i.session_id for i in infos), strategy=first.strategy,
                            resolved_options=first.resolved_options, default_mode=first.default_mode,
                            policy=first.policy, device=first.device, signals=first.signals,
-                           uses_reports=first.uses_reports, proxy_width_ratio=first.proxy_width_ratio,
-                           proxy_loss_weight=first.proxy_loss_weight)
+                           uses_reports=first.uses_reports, auxiliary_loss=first.auxiliary_loss)
 
     def _shards(self, ids: torch.Tensor, positions: torch.Tensor, budget: int) -> list[tuple[int, torch.Tensor, int]]:
         """(replica, positions, budget share) per live replica owning some of `ids`."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dataselect.scoring import PoolChunk, ScoringSession
-from dataselect.strategy import Progress
+from dataselect.strategy import AuxiliaryLoss, Progress
 
 
 @dataclass
@@ -62,10 +62,8 @@ class SessionInfo:
     device: str
     signals: list[str]
     uses_reports: bool
-    #: Parameter-sharing proxy (DynaMS PSP): train the model's slim sub-network with this
-    #: fraction of the channels jointly, loss weight `proxy_loss_weight`; 0 = no proxy.
-    proxy_width_ratio: float = 0.0
-    proxy_loss_weight: float = 0.0
+    #: A loss term the strategy asks the trainer to add (e.g. DynaMS's proxy); None = none.
+    auxiliary_loss: AuxiliaryLoss | None = None
 
 
 @dataclass
@@ -134,9 +132,7 @@ class EmbeddedScorer:
             default_mode=cls.default_mode, policy=self.session.policy, device=str(self.session.device),
             signals=sorted(self.session.signals), uses_reports=cls.uses_reports,
         )
-        if self.session.proxy is not None:
-            self.info.proxy_width_ratio = self.session.proxy.ratio
-            self.info.proxy_loss_weight = self.session.proxy.loss_weight
+        self.info.auxiliary_loss = self.session.selector.auxiliary_loss
         self.counters = ScorerCounters()
 
     def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:

@@ -59,10 +59,9 @@ from dataselect.exported import export_model
 from dataselect.models import ScoringModel
 from dataselect.names import MODES
 from dataselect.policies import POLICIES
-from dataselect.proxy import build_proxy, proxy_logits
-from dataselect.registry import get_strategy
+from dataselect.registry import get_auxiliary_loss, get_strategy
 from dataselect.scoring import PoolChunk
-from dataselect.strategy import Progress, RunPlan
+from dataselect.strategy import AuxiliaryLoss, Progress, RunPlan
 
 #: Overlap never asks for more than this many pools ahead.
 MAX_POOLS_AHEAD = 8
@@ -240,9 +239,9 @@ class Session:
         #: Diagnostics of the Selects since `take_diagnostics`, and the latest.
         self.diagnostics: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
-        #: The parameter-sharing proxy's slim model and loss weight (DynaMS PSP), once the scorer said so.
-        self.proxy: nn.Module | None = None
-        self.proxy_weight = 0.0
+        #: The loss term the strategy asked for (`AuxiliaryLoss`) and its built term, once the scorer said so.
+        self.auxiliary: AuxiliaryLoss | None = None
+        self._auxiliary_term: Callable[..., torch.Tensor] | None = None
         #: The batch the loader yielded last (what `loss` weights and reports).
         self.current: Batch | None = None
         #: Counters of the scorer from before a resume (checkpoint bytes, pushes, reconnects, resumes).
@@ -323,14 +322,16 @@ class Session:
         default_ramp = math.ceil(RAMP_STEPS_PER_SELECTIVITY / self.fraction - 1e-9) if self.pipeline is not None else 0
         self.ramp_steps = default_ramp if self.ramp_requested is None else self.ramp_requested
         info = self.scorer.info
-        if info.proxy_width_ratio:
+        if info.auxiliary_loss is not None:
+            self.auxiliary = info.auxiliary_loss
             name, kwargs = registered if registered is not None else (None, None)
-            if name is None:
-                raise InvalidArgument(f"strategy {self.strategy!r} trains a parameter-sharing proxy, which needs a "
-                                      "registered model (build it with dataselect.models.build_model)")
-            self.proxy = build_proxy(name, kwargs, info.proxy_width_ratio, full=module,
-                                     who=f"strategy {self.strategy!r} (parameter-sharing proxy)").to(device).train()
-            self.proxy_weight = float(info.proxy_loss_weight)
+            try:
+                factory = get_auxiliary_loss(self.auxiliary.name)
+                self._auxiliary_term = factory(module, model_name=name, model_kwargs=kwargs,
+                                               params=dict(self.auxiliary.params), device=device)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"strategy {self.strategy!r} asks the trainer for the auxiliary loss "
+                                      f"{self.auxiliary.name!r}: {exc}") from None
         self._registered = registered
         self.irreducible_plan = self.cls.irreducible_training(self.options)
         if (self.irreducible_plan is not None) != ("irreducible_loss" in info.signals):
@@ -682,7 +683,7 @@ class Session:
         """The loss to backpropagate for the current batch: per-sample cross-entropy of `logits`
         against `targets` (or `logits` itself when it is already a vector of per-sample losses and
         `targets` is None), times the selection's weights, averaged; plus any auxiliary term the
-        strategy trains (DynaMS's proxy, computed on `inputs`, default the batch's). Reports the
+        strategy asks for (`AuxiliaryLoss`, e.g. DynaMS's proxy; computed on `inputs`, default the batch's). Reports the
         per-sample losses to strategies that learn from them."""
         batch = batch if batch is not None else self.current
         if targets is None:
@@ -695,11 +696,10 @@ class Session:
             per_sample = F.cross_entropy(logits.float(), targets, reduction="none")
         weights = None if batch is None else batch.weights
         loss = weighted_loss(per_sample, weights)
-        if self.proxy is not None and targets is not None:
+        if self._auxiliary_term is not None and targets is not None:
             x = inputs if inputs is not None else batch.inputs.to(targets.device)
-            proxy_per_sample = F.cross_entropy(proxy_logits(unwrap_model(self.model), self.proxy, x).float(), targets,
-                                               reduction="none")
-            loss = loss + self.proxy_weight * weighted_loss(proxy_per_sample, weights)
+            term = self._auxiliary_term(unwrap_model(self.model), x, targets)
+            loss = loss + float(self.auxiliary.weight) * weighted_loss(term, weights)
         if batch is not None and self.uses_reports:
             report = (batch.ids, per_sample.detach(), None if scores is None else scores.detach(), targets,
                       batch.progress)

@@ -351,9 +351,9 @@ def _summary(config: TrainConfig, mode: str, session: Session, loader, clock: Ru
             "static" if session.static else session.refresh),
         "last_selection_size": loader.last_selection_size,
         "lr_schedule": config.lr_schedule,
-        # DynaMS PSP: the jointly trained proxy; diagnostics = mean of the per-epoch means, and the last Select's.
-        "proxy_width_ratio": info.proxy_width_ratio if info and info.proxy_width_ratio else None,
-        "proxy_loss_weight": session.proxy_weight if session.proxy is not None else None,
+        # The loss term the strategy added (e.g. DynaMS's proxy); diagnostics = mean of the per-epoch means,
+        # and the last Select's.
+        "auxiliary_loss": session.auxiliary.to_dict() if session.auxiliary is not None else None,
         "diagnostics": mean_figures([e["diagnostics"] for e in epochs if e.get("diagnostics")]),
         "diagnostics_last": dict(session.last_diagnostics),
         "epochs_completed": len(epochs) - (1 if last.get("partial") else 0),

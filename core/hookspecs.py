@@ -131,3 +131,33 @@ def register_datasets(register: Callable[..., None]) -> None:
         def register_datasets(register):
             register("my-sensors", load_my_sensors)
     """
+
+
+@hookspec
+def register_auxiliary_losses(register: Callable[..., None]) -> None:
+    """Register auxiliary loss terms a strategy may ask the trainer to add (`Strategy.auxiliary_loss`).
+
+    Call `register(name, factory)` once per term. When a session opens with a
+    strategy whose `auxiliary_loss` names it, the trainer calls, keywords only,
+
+        factory(module, *, model_name: str | None, model_kwargs: dict | None,
+                params: dict, device: torch.device) -> term
+
+    with the user's model (`model_name` None when it is not a registered one)
+    and the strategy's `params`, and then, for every batch it trains on,
+    `term(model, inputs, targets)`, which returns one loss per sample `[N]`;
+    the trainer adds `weight` times their (selection-weighted) mean to its
+    loss. Anything the term trains (a second head, a sub-network) is its own
+    business: it may keep modules on `term`, and its parameters must be ones
+    the optimiser already holds (views of the model's). Raise
+    `dataselect.errors.InvalidArgument` naming the fix when the model cannot
+    support the term. The term runs in the trainer's process, so it must be
+    installed there; the scorer only sends its name. A name taken by another
+    plugin is refused naming both plugins.
+
+    Example:
+
+        @dataselect.hookimpl
+        def register_auxiliary_losses(register):
+            register("logit_l2", lambda module, **kw: lambda model, x, y: model(x).pow(2).mean(1))
+    """

@@ -29,6 +29,9 @@ SESSION_SIGNALS = frozenset({"irreducible_loss"})
 #: Every signal a strategy may ask for (`Strategy.signals`).
 SIGNALS = tuple(sorted(FORWARD_SIGNALS | GRAD_SIGNALS | PER_SAMPLE_GRAD_SIGNALS | SESSION_SIGNALS))
 
+#: The auxiliary loss that trains DynaMS's parameter-sharing proxy jointly (`dataselect.proxy`).
+SLIM_PROXY = "slim_proxy"
+
 #: Autocast precisions for forward signals (`--precision`, `--score-precision`).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Dtypes floating weights may travel in when pushed to a server (`--checkpoint-dtype`).

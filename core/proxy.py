@@ -34,11 +34,13 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dataselect import registry
 from dataselect.errors import InvalidArgument
 from dataselect.models import build_model
+from dataselect.names import SLIM_PROXY
 
 #: Pool samples used to re-estimate the slim model's batch-norm statistics.
 CALIBRATION_SAMPLES = 256
@@ -313,3 +315,20 @@ class Agreement:
             out["proxy_agreement_samples"] = int(sum(t.numel() for t in self.full[names[0]]))
             out["proxy_agreement_seconds"] = self.seconds
         return out
+
+
+def slim_proxy_loss(module: nn.Module, *, model_name: str | None, model_kwargs: dict[str, Any] | None,
+                    params: Mapping[str, Any], device: torch.device) -> Callable[..., torch.Tensor]:
+    """The auxiliary loss `slim_proxy`: per-sample cross-entropy of the slim sub-network's logits
+    (`params["width_ratio"]` of the channels), so the trainer trains it jointly with the model."""
+    if model_name is None:
+        raise InvalidArgument(f"auxiliary loss {SLIM_PROXY!r} (a parameter-sharing proxy) needs a registered model "
+                              "(build it with dataselect.models.build_model)")
+    slim = build_proxy(model_name, model_kwargs or {}, params.get("width_ratio", 0.0), full=module,
+                       who="the parameter-sharing proxy").to(device).train()
+
+    def term(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(proxy_logits(model, slim, inputs).float(), targets, reduction="none")
+
+    term.module = slim
+    return term

@@ -60,6 +60,7 @@ class _State:
     strategies: dict[str, Registered] = field(default_factory=dict)
     models: dict[str, Registered] = field(default_factory=dict)
     datasets: dict[str, Registered] = field(default_factory=dict)
+    auxiliary_losses: dict[str, Registered] = field(default_factory=dict)
     #: plugin name -> (distribution, version)
     plugins: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: plugin name -> error message for plugins that failed to load
@@ -150,18 +151,21 @@ def _collect(strict: str | None = None) -> None:
     strategies: dict[str, Registered] = {}
     models: dict[str, Registered] = {}
     datasets: dict[str, Registered] = {}
+    auxiliary: dict[str, Registered] = {}
     for plugin_name in list(_state.plugins):
         plugin = pm.get_plugin(plugin_name)
         if plugin is None:
             continue
         dist, version = _state.plugins[plugin_name]
         # Register into copies: a plugin that fails half-way leaves no partial registrations.
-        mine_s, mine_m, mine_d = dict(strategies), dict(models), dict(datasets)
+        mine_s, mine_m, mine_d, mine_a = dict(strategies), dict(models), dict(datasets), dict(auxiliary)
         try:
             for hook in ("register_strategies", "register_selectors"):  # the second is the hook's 0.1 name
                 _run_hook(plugin, plugin_name, hook, _strategy_register(mine_s, plugin_name, dist, version))
             _run_hook(plugin, plugin_name, "register_models", _model_register(mine_m, plugin_name, dist, version))
             _run_hook(plugin, plugin_name, "register_datasets", _dataset_register(mine_d, plugin_name, dist, version))
+            _run_hook(plugin, plugin_name, "register_auxiliary_losses",
+                      _named_register("auxiliary loss", "factory", mine_a, plugin_name, dist, version))
         except Exception as exc:
             if plugin_name == strict or plugin_name in DEFAULT_PLUGINS:
                 raise
@@ -169,10 +173,11 @@ def _collect(strict: str | None = None) -> None:
             _fail(plugin_name, f"plugin {plugin_name!r} ({dist} {version}) failed to register: {message}")
             continue
         _state.failed.pop(plugin_name, None)
-        strategies, models, datasets = mine_s, mine_m, mine_d
+        strategies, models, datasets, auxiliary = mine_s, mine_m, mine_d, mine_a
     _state.strategies = strategies
     _state.models = models
     _state.datasets = datasets
+    _state.auxiliary_losses = auxiliary
 
 
 def _run_hook(plugin: Any, plugin_name: str, hook: str, register: Callable) -> None:
@@ -203,15 +208,20 @@ def _strategy_register(into: dict, plugin: str, dist: str, version: str) -> Call
     return register
 
 
-def _model_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
-    def register(name: str, builder: Callable) -> None:
-        if not callable(builder):
-            raise InvalidArgument(f"plugin {plugin!r}: model {name!r} builder is not callable")
+def _named_register(kind: str, what: str, into: dict, plugin: str, dist: str, version: str) -> Callable:
+    """`register(name, obj)` for a registry of callables by name (models: builders; auxiliary losses: factories)."""
+    def register(name: str, obj: Callable) -> None:
+        if not callable(obj):
+            raise InvalidArgument(f"plugin {plugin!r}: {kind} {name!r} {what} is not callable")
         if name in into:
-            raise InvalidArgument(f"model name {name!r} registered twice: by {into[name].plugin!r} and by {plugin!r}")
-        into[name] = Registered(builder, plugin, dist, version)
+            raise InvalidArgument(f"{kind} name {name!r} registered twice: by {into[name].plugin!r} and by {plugin!r}")
+        into[name] = Registered(obj, plugin, dist, version)
 
     return register
+
+
+def _model_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
+    return _named_register("model", "builder", into, plugin, dist, version)
 
 
 def _dataset_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
@@ -291,7 +301,7 @@ def _reset_for_tests() -> None:
                 pm.unregister(name=name)
         _state.plugins.clear()
         _state.failed.clear()
-        _state.strategies, _state.models, _state.datasets = {}, {}, {}
+        _state.strategies, _state.models, _state.datasets, _state.auxiliary_losses = {}, {}, {}, {}
         _state.loaded = False
         load_plugins()
         _state.plugins.update(runtime)
@@ -352,6 +362,17 @@ def get_dataset_loader(name: str) -> Callable:
 def datasets() -> dict[str, Registered]:
     load_plugins()
     return dict(sorted(_state.datasets.items()))
+
+
+def get_auxiliary_loss(name: str) -> Callable:
+    """The factory of the auxiliary loss registered under `name` (hook `register_auxiliary_losses`);
+    unknown names list the known ones."""
+    return _lookup("auxiliary_losses", "auxiliary loss", "auxiliary losses", name)
+
+
+def auxiliary_losses() -> dict[str, Registered]:
+    load_plugins()
+    return dict(sorted(_state.auxiliary_losses.items()))
 
 
 def plugins() -> list[dict[str, Any]]:

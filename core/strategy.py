@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -22,7 +22,7 @@ from dataselect.policies import Selection, apply_policy
 
 #: Training modes and signal names live in `dataselect.names` (one spelling for CLIs, engine and plugins).
 __all__ = ["MODES", "SIGNALS", "Option", "SessionContext", "Progress", "RunPlan", "Pool", "Selection", "Strategy", "Selector",
-           "IrreducibleTraining"]
+           "IrreducibleTraining", "AuxiliaryLoss"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,23 @@ class IrreducibleTraining:
     weight_decay: float = 0.01
 
 
+@dataclass(frozen=True)
+class AuxiliaryLoss:
+    """A loss term a strategy asks the trainer to add to its own (see `Strategy.auxiliary_loss`).
+
+    `name` is a registered auxiliary loss (hook `register_auxiliary_losses`; `dataselect plugins` lists
+    the plugins): the trainer builds it for its model with `params`, and adds `weight` times its
+    per-sample terms, weighted like the main loss. It reaches a remote trainer in the OpenSession reply.
+    """
+
+    name: str
+    weight: float = 1.0
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "params": dict(self.params)}
+
+
 @dataclass
 class Pool:
     """A scored candidate pool: ids, labels and the signals the strategy asked for."""
@@ -206,16 +223,10 @@ class Strategy:
     #: selection is variable-size (0..pool), and --select-fraction only sets the size of
     #: online candidate pools. False: the budget is the trainer's fraction of the pool.
     self_sized: ClassVar[bool] = False
-    #: Parameter-sharing proxy (DynaMS PSP, `dataselect.proxy`): an instance that
-    #: sets a width ratio in (0, 1] gets its signals computed by the model's slim
-    #: sub-network (that fraction of every layer's channels, sharing the weights),
-    #: and the trainer adds `proxy_loss_weight × CE(proxy logits)` to its loss so
-    #: the sub-network is trained jointly. The session reports the proxy's
-    #: agreement with the full model on the first `proxy_agreement_sample` samples
-    #: of each pool (0: not measured). None: no proxy.
-    proxy_width_ratio: float | None = None
-    proxy_loss_weight: float = 1.0
-    proxy_agreement_sample: int = 512
+    #: A loss term the trainer adds to its own while this strategy selects (`AuxiliaryLoss`, by the
+    #: name of a registered auxiliary loss; set it on the instance when it depends on options), e.g.
+    #: DynaMS training its parameter-sharing proxy jointly. None: the trainer's loss only.
+    auxiliary_loss: AuxiliaryLoss | None = None
     #: "score_then_policy": selection is `score` followed by the policy (the default `select`), so the
     #: session checks the scores before the policy and replicas merge scores exactly; "whole_pool": `select`
     #: has logic of its own. Declare it when you override `select`; left undeclared, it is set once, when the

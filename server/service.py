@@ -172,6 +172,11 @@ def estimate_model_bytes(name: str, kwargs: dict[str, Any]) -> int | None:
     except Exception:  # noqa: BLE001 - the real build reports the error
         return None
 
+def _auxiliary_loss_message(aux) -> pb.AuxiliaryLoss | None:
+    if aux is None:
+        return None
+    return pb.AuxiliaryLoss(name=aux.name, weight=float(aux.weight), params_json=json.dumps(dict(aux.params)))
+
 
 class SelectionServicer(pb_grpc.SelectionServicer):
     """Args beyond the obvious:
@@ -290,6 +295,7 @@ class SelectionServicer(pb_grpc.SelectionServicer):
             uses_reports=cls.uses_reports,
             proxy=None if session.proxy is None else pb.ProxySpec(width_ratio=session.proxy.ratio,
                                                                   loss_weight=session.proxy.loss_weight),
+            auxiliary_loss=_auxiliary_loss_message(session.selector.auxiliary_loss),
         )
 
     def _exported_model(self, spec: pb.ModelSpec, kwargs: dict[str, Any]) -> torch.nn.Module:

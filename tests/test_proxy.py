@@ -29,6 +29,7 @@ from dataselect.proxy import (
     rank_correlation,
 )
 from dataselect.scoring import PoolChunk, ScoringSession
+from dataselect.strategy import AuxiliaryLoss
 from dataselect.server import serve
 from dataselect.testing import check_strategy
 from pools import random_pool
@@ -262,11 +263,11 @@ def test_proxy_and_diagnostics_travel_over_a_real_server():
     local = embedded.select(ids, x, y, 50, Progress())
     with serve(port=0, device="cpu", workers=2) as server:
         with RemoteScorer(server.address, _spec(options), retry_seconds=0) as remote:
-            assert (remote.info.proxy_width_ratio, remote.info.proxy_loss_weight) == (0.25, 0.5)
+            assert remote.info.auxiliary_loss == AuxiliaryLoss("slim_proxy", 0.5, {"width_ratio": 0.25})
             remote.push_checkpoint(model, 1, 0)
             reply = remote.select(ids, x, y, 50, Progress())
         with RemoteScorer(server.address, _spec({}), retry_seconds=0) as plain:
-            assert plain.info.proxy_width_ratio == 0.0
+            assert plain.info.auxiliary_loss is None
             plain.push_checkpoint(model, 1, 0)
             assert plain.select(ids, x, y, 50, Progress()).diagnostics == {}
     assert reply.selected_ids.tolist() == local.selected_ids.tolist()
@@ -278,14 +279,14 @@ def test_training_with_the_proxy_end_to_end(tmp_path):
     cfg = dict(strategy="dynams", dataset="synthetic", device="cpu", epochs=2, train_subset=600, test_subset=200,
                progress=False, threads=1, micro_batch=256)
     summary = train(TrainConfig(**cfg, options={"proxy": "psp", "warmup_epochs": 0}, output=str(tmp_path)))
-    assert summary["proxy_width_ratio"] == 0.5 and summary["proxy_loss_weight"] == 1.0
+    assert summary["auxiliary_loss"] == {"name": "slim_proxy", "weight": 1.0, "params": {"width_ratio": 0.5}}
     per_epoch = [e["diagnostics"]["proxy_rank_correlation"] for e in summary["per_epoch"]]
     assert len(per_epoch) == 2 and all(-1.0 <= r <= 1.0 for r in per_epoch)
     assert summary["diagnostics"]["proxy_rank_correlation"] == pytest.approx(sum(per_epoch) / 2)
     assert summary["diagnostics_last"]["proxy_rank_correlation"] == pytest.approx(per_epoch[-1])
     assert summary["test_accuracy"] > 0.1 and summary["train_seconds"] > 0
     plain = train(TrainConfig(**cfg))
-    assert plain["proxy_width_ratio"] is None and plain["diagnostics"] == {}
+    assert plain["auxiliary_loss"] is None and plain["diagnostics"] == {}
     assert "diagnostics" not in plain["per_epoch"][0]
 
 
@@ -294,7 +295,7 @@ def test_replicated_scorer_keeps_the_proxy_and_merges_diagnostics():
 
     sp = _spec({"proxy": "psp", "agreement_sample": 30})
     scorer = ReplicatedScorer(["r0:1", "r1:2"], sp, connect=lambda address, retry, timeout: EmbeddedScorer(sp))
-    assert (scorer.info.proxy_width_ratio, scorer.info.proxy_loss_weight) == (0.5, 1.0)
+    assert scorer.info.auxiliary_loss == AuxiliaryLoss("slim_proxy", 1.0, {"width_ratio": 0.5})
     scorer.push_checkpoint(_trained_looking("mlp"), 1, 0)
     ids, x, y = _pool(120)
     reply = scorer.select(ids, x, y, 30, Progress())

@@ -9,7 +9,8 @@ import torch
 from dataselect.errors import InvalidArgument
 from dataselect.plugins.strategies.warmup import fit_warmup
 from dataselect.policies import apply_policy
-from dataselect.strategy import Option, Pool, RunPlan, Selection, Strategy
+from dataselect.names import SLIM_PROXY
+from dataselect.strategy import AuxiliaryLoss, Option, Pool, RunPlan, Selection, Strategy
 
 
 class HighGradientSelector(Strategy):
@@ -129,6 +130,12 @@ class DynaMSSelector(Strategy):
                                    "rank correlation with the full model (0: off)", min=0, max=1_000_000),
     }
     PROXY_OPTIONS = ("width_ratio", "proxy_weight", "agreement_sample")
+    #: Set with proxy=psp: the scoring session computes the signals with the model's slim sub-network of
+    #: this width (`dataselect.proxy`) and reports its agreement with the full model on the first
+    #: `proxy_agreement_sample` samples of each pool; the trainer trains it through `auxiliary_loss`.
+    proxy_width_ratio: float | None = None
+    proxy_loss_weight: float = 1.0
+    proxy_agreement_sample: int = 512
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
@@ -141,6 +148,8 @@ class DynaMSSelector(Strategy):
             self.proxy_width_ratio = self.opts["width_ratio"]
             self.proxy_loss_weight = self.opts["proxy_weight"]
             self.proxy_agreement_sample = self.opts["agreement_sample"]
+            self.auxiliary_loss = AuxiliaryLoss(SLIM_PROXY, self.proxy_loss_weight,
+                                                {"width_ratio": self.proxy_width_ratio})
         else:
             stray = sorted(k for k in (options or {}) if k in self.PROXY_OPTIONS)
             if stray:

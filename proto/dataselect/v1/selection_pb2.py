@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64\x61taselect/v1/selection.proto\x12\rdataselect.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\x12\x10\n\x08\x65xported\x18\x03 \x01(\x0c\"\xd4\x01\n\x12OpenSessionRequest\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.dataselect.v1.ModelSpec\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61taset_size\x18\x07 \x01(\x03\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x13\n\x0binput_scale\x18\t \x01(\x01\"\xe0\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x1d\n\x15resolved_options_json\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_mode\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07signals\x18\x07 \x03(\t\x12\x14\n\x0cuses_reports\x18\x08 \x01(\x08\x12\'\n\x05proxy\x18\t \x01(\x0b\x32\x18.dataselect.v1.ProxySpec\"5\n\tProxySpec\x12\x13\n\x0bwidth_ratio\x18\x01 \x01(\x01\x12\x13\n\x0bloss_weight\x18\x02 \x01(\x01\"g\n\x0f\x43heckpointChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"Y\n\x18UploadCheckpointResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"O\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_epochs\x18\x03 \x01(\x05\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\"\xf7\x01\n\rSelectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x03ids\x18\x02 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06inputs\x18\x03 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06labels\x18\x04 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12\x0e\n\x06\x62udget\x18\x05 \x01(\x03\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x17.dataselect.v1.Progress\x12\x15\n\rreturn_scores\x18\x07 \x01(\x08\x12\x0e\n\x06policy\x18\x08 \x01(\t\"k\n\nServerCost\x12\x17\n\x0f\x63ompute_seconds\x18\x01 \x01(\x01\x12\x15\n\rcodec_seconds\x18\x02 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x16\n\x0esamples_scored\x18\x04 \x01(\x03\"\xeb\x01\n\x0eSelectResponse\x12+\n\x0cselected_ids\x18\x01 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12&\n\x07weights\x18\x02 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06scores\x18\x03 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12\x1a\n\x12\x63heckpoint_version\x18\x04 \x01(\x03\x12\'\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x19.dataselect.v1.ServerCost\x12\x18\n\x10\x64iagnostics_json\x18\x06 \x01(\t\"\xf2\x01\n\rReportRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x03ids\x18\x02 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06losses\x18\x03 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12/\n\x10true_class_probs\x18\x04 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12&\n\x07\x63orrect\x18\x05 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x17.dataselect.v1.Progress\":\n\x0eReportResponse\x12\x0f\n\x07samples\x18\x01 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\x85\x01\n\x0cStrategyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_mode\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x04 \x01(\t\x12\x0e\n\x06plugin\x18\x05 \x01(\t\x12\x14\n\x0coptions_json\x18\x06 \x01(\t\"\x8f\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12/\n\nstrategies\x18\x03 \x03(\x0b\x32\x1b.dataselect.v1.StrategyInfo\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x32\xc3\x04\n\tSelection\x12T\n\x0bOpenSession\x12!.dataselect.v1.OpenSessionRequest\x1a\".dataselect.v1.OpenSessionResponse\x12]\n\x10UploadCheckpoint\x12\x1e.dataselect.v1.CheckpointChunk\x1a\'.dataselect.v1.UploadCheckpointResponse(\x01\x12\x45\n\x06Select\x12\x1c.dataselect.v1.SelectRequest\x1a\x1d.dataselect.v1.SelectResponse\x12M\n\x0cSelectStream\x12\x1c.dataselect.v1.SelectRequest\x1a\x1d.dataselect.v1.SelectResponse(\x01\x12\x45\n\x06Report\x12\x1c.dataselect.v1.ReportRequest\x1a\x1d.dataselect.v1.ReportResponse\x12W\n\x0c\x43loseSession\x12\".dataselect.v1.CloseSessionRequest\x1a#.dataselect.v1.CloseSessionResponse\x12K\n\x08\x44\x65scribe\x12\x1e.dataselect.v1.DescribeRequest\x1a\x1f.dataselect.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64\x61taselect/v1/selection.proto\x12\rdataselect.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\x12\x10\n\x08\x65xported\x18\x03 \x01(\x0c\"\xd4\x01\n\x12OpenSessionRequest\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.dataselect.v1.ModelSpec\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61taset_size\x18\x07 \x01(\x03\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x13\n\x0binput_scale\x18\t \x01(\x01\"\x96\x02\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x1d\n\x15resolved_options_json\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_mode\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07signals\x18\x07 \x03(\t\x12\x14\n\x0cuses_reports\x18\x08 \x01(\x08\x12\'\n\x05proxy\x18\t \x01(\x0b\x32\x18.dataselect.v1.ProxySpec\x12\x34\n\x0e\x61uxiliary_loss\x18\n \x01(\x0b\x32\x1c.dataselect.v1.AuxiliaryLoss\"B\n\rAuxiliaryLoss\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"5\n\tProxySpec\x12\x13\n\x0bwidth_ratio\x18\x01 \x01(\x01\x12\x13\n\x0bloss_weight\x18\x02 \x01(\x01\"g\n\x0f\x43heckpointChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"Y\n\x18UploadCheckpointResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"O\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_epochs\x18\x03 \x01(\x05\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\"\xf7\x01\n\rSelectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x03ids\x18\x02 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06inputs\x18\x03 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06labels\x18\x04 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12\x0e\n\x06\x62udget\x18\x05 \x01(\x03\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x17.dataselect.v1.Progress\x12\x15\n\rreturn_scores\x18\x07 \x01(\x08\x12\x0e\n\x06policy\x18\x08 \x01(\t\"k\n\nServerCost\x12\x17\n\x0f\x63ompute_seconds\x18\x01 \x01(\x01\x12\x15\n\rcodec_seconds\x18\x02 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x16\n\x0esamples_scored\x18\x04 \x01(\x03\"\xeb\x01\n\x0eSelectResponse\x12+\n\x0cselected_ids\x18\x01 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12&\n\x07weights\x18\x02 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06scores\x18\x03 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12\x1a\n\x12\x63heckpoint_version\x18\x04 \x01(\x03\x12\'\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x19.dataselect.v1.ServerCost\x12\x18\n\x10\x64iagnostics_json\x18\x06 \x01(\t\"\xf2\x01\n\rReportRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x03ids\x18\x02 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12%\n\x06losses\x18\x03 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12/\n\x10true_class_probs\x18\x04 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12&\n\x07\x63orrect\x18\x05 \x01(\x0b\x32\x15.dataselect.v1.Tensor\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x17.dataselect.v1.Progress\":\n\x0eReportResponse\x12\x0f\n\x07samples\x18\x01 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\x85\x01\n\x0cStrategyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_mode\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x04 \x01(\t\x12\x0e\n\x06plugin\x18\x05 \x01(\t\x12\x14\n\x0coptions_json\x18\x06 \x01(\t\"\x8f\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12/\n\nstrategies\x18\x03 \x03(\x0b\x32\x1b.dataselect.v1.StrategyInfo\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x32\xc3\x04\n\tSelection\x12T\n\x0bOpenSession\x12!.dataselect.v1.OpenSessionRequest\x1a\".dataselect.v1.OpenSessionResponse\x12]\n\x10UploadCheckpoint\x12\x1e.dataselect.v1.CheckpointChunk\x1a\'.dataselect.v1.UploadCheckpointResponse(\x01\x12\x45\n\x06Select\x12\x1c.dataselect.v1.SelectRequest\x1a\x1d.dataselect.v1.SelectResponse\x12M\n\x0cSelectStream\x12\x1c.dataselect.v1.SelectRequest\x1a\x1d.dataselect.v1.SelectResponse(\x01\x12\x45\n\x06Report\x12\x1c.dataselect.v1.ReportRequest\x1a\x1d.dataselect.v1.ReportResponse\x12W\n\x0c\x43loseSession\x12\".dataselect.v1.CloseSessionRequest\x1a#.dataselect.v1.CloseSessionResponse\x12K\n\x08\x44\x65scribe\x12\x1e.dataselect.v1.DescribeRequest\x1a\x1f.dataselect.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONREQUEST']._serialized_start=169
   _globals['_OPENSESSIONREQUEST']._serialized_end=381
   _globals['_OPENSESSIONRESPONSE']._serialized_start=384
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=608
-  _globals['_PROXYSPEC']._serialized_start=610
-  _globals['_PROXYSPEC']._serialized_end=663
-  _globals['_CHECKPOINTCHUNK']._serialized_start=665
-  _globals['_CHECKPOINTCHUNK']._serialized_end=768
-  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_start=770
-  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_end=859
-  _globals['_PROGRESS']._serialized_start=861
-  _globals['_PROGRESS']._serialized_end=940
-  _globals['_SELECTREQUEST']._serialized_start=943
-  _globals['_SELECTREQUEST']._serialized_end=1190
-  _globals['_SERVERCOST']._serialized_start=1192
-  _globals['_SERVERCOST']._serialized_end=1299
-  _globals['_SELECTRESPONSE']._serialized_start=1302
-  _globals['_SELECTRESPONSE']._serialized_end=1537
-  _globals['_REPORTREQUEST']._serialized_start=1540
-  _globals['_REPORTREQUEST']._serialized_end=1782
-  _globals['_REPORTRESPONSE']._serialized_start=1784
-  _globals['_REPORTRESPONSE']._serialized_end=1842
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1844
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1885
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1887
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1925
-  _globals['_DESCRIBEREQUEST']._serialized_start=1927
-  _globals['_DESCRIBEREQUEST']._serialized_end=1944
-  _globals['_STRATEGYINFO']._serialized_start=1947
-  _globals['_STRATEGYINFO']._serialized_end=2080
-  _globals['_DESCRIBERESPONSE']._serialized_start=2083
-  _globals['_DESCRIBERESPONSE']._serialized_end=2226
-  _globals['_SELECTION']._serialized_start=2229
-  _globals['_SELECTION']._serialized_end=2808
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=662
+  _globals['_AUXILIARYLOSS']._serialized_start=664
+  _globals['_AUXILIARYLOSS']._serialized_end=730
+  _globals['_PROXYSPEC']._serialized_start=732
+  _globals['_PROXYSPEC']._serialized_end=785
+  _globals['_CHECKPOINTCHUNK']._serialized_start=787
+  _globals['_CHECKPOINTCHUNK']._serialized_end=890
+  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_start=892
+  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_end=981
+  _globals['_PROGRESS']._serialized_start=983
+  _globals['_PROGRESS']._serialized_end=1062
+  _globals['_SELECTREQUEST']._serialized_start=1065
+  _globals['_SELECTREQUEST']._serialized_end=1312
+  _globals['_SERVERCOST']._serialized_start=1314
+  _globals['_SERVERCOST']._serialized_end=1421
+  _globals['_SELECTRESPONSE']._serialized_start=1424
+  _globals['_SELECTRESPONSE']._serialized_end=1659
+  _globals['_REPORTREQUEST']._serialized_start=1662
+  _globals['_REPORTREQUEST']._serialized_end=1904
+  _globals['_REPORTRESPONSE']._serialized_start=1906
+  _globals['_REPORTRESPONSE']._serialized_end=1964
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1966
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2007
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2009
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2047
+  _globals['_DESCRIBEREQUEST']._serialized_start=2049
+  _globals['_DESCRIBEREQUEST']._serialized_end=2066
+  _globals['_STRATEGYINFO']._serialized_start=2069
+  _globals['_STRATEGYINFO']._serialized_end=2202
+  _globals['_DESCRIBERESPONSE']._serialized_start=2205
+  _globals['_DESCRIBERESPONSE']._serialized_end=2348
+  _globals['_SELECTION']._serialized_start=2351
+  _globals['_SELECTION']._serialized_end=2930
 # @@protoc_insertion_point(module_scope)

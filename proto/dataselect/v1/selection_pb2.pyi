@@ -49,7 +49,7 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., options_json: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., num_classes: _Optional[int] = ..., dataset: _Optional[str] = ..., dataset_size: _Optional[int] = ..., policy: _Optional[str] = ..., input_scale: _Optional[float] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "strategy", "resolved_options_json", "default_mode", "policy", "device", "signals", "uses_reports", "proxy")
+    __slots__ = ("session_id", "strategy", "resolved_options_json", "default_mode", "policy", "device", "signals", "uses_reports", "proxy", "auxiliary_loss")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class OpenSessionResponse(_message.Message):
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     USES_REPORTS_FIELD_NUMBER: _ClassVar[int]
     PROXY_FIELD_NUMBER: _ClassVar[int]
+    AUXILIARY_LOSS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     strategy: str
     resolved_options_json: str
@@ -68,7 +69,18 @@ class OpenSessionResponse(_message.Message):
     signals: _containers.RepeatedScalarFieldContainer[str]
     uses_reports: bool
     proxy: ProxySpec
-    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., resolved_options_json: _Optional[str] = ..., default_mode: _Optional[str] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., signals: _Optional[_Iterable[str]] = ..., uses_reports: _Optional[bool] = ..., proxy: _Optional[_Union[ProxySpec, _Mapping]] = ...) -> None: ...
+    auxiliary_loss: AuxiliaryLoss
+    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., resolved_options_json: _Optional[str] = ..., default_mode: _Optional[str] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., signals: _Optional[_Iterable[str]] = ..., uses_reports: _Optional[bool] = ..., proxy: _Optional[_Union[ProxySpec, _Mapping]] = ..., auxiliary_loss: _Optional[_Union[AuxiliaryLoss, _Mapping]] = ...) -> None: ...
+
+class AuxiliaryLoss(_message.Message):
+    __slots__ = ("name", "weight", "params_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    params_json: str
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., params_json: _Optional[str] = ...) -> None: ...
 
 class ProxySpec(_message.Message):
     __slots__ = ("width_ratio", "loss_weight")
