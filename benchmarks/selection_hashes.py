@@ -34,6 +34,9 @@ RUNS = (
     ("mrmc", ["--strategy", "mrmc", "-o", "warmup_epochs=1"]),
     ("tracin", ["--strategy", "tracin"]),
     ("glister", ["--strategy", "glister"]),
+    ("rho_loss", ["--strategy", "rho_loss"]),
+    # DynaMS training its parameter-sharing proxy jointly (an auxiliary loss).
+    ("dynams_psp", ["--strategy", "dynams", "-o", "proxy=psp"]),
 )
 
 
