@@ -49,10 +49,10 @@ def measure(args, data, label: str, strategy: str, options: dict, size: int) -> 
     name, extra = MODELS[label]
     kwargs = {**data.info.model_kwargs(), **extra}
     spec = SessionSpec(strategy, options, name, kwargs, num_classes=data.info.num_classes, seed=0,
-                       dataset="mnist", dataset_size=len(data.train))
+                       dataset="mnist", dataset_size=len(data.train_tensors))
     torch.manual_seed(0)
     model = build_model(name, **kwargs)
-    ids, x, y = data.train.ids[:size], data.train.inputs[:size], data.train.labels[:size]
+    ids, x, y = data.train_tensors.ids[:size], data.train_tensors.inputs[:size], data.train_tensors.labels[:size]
     limit = args.max_message_mb * 2**20
     with server_process("--max-message-mb", str(args.max_message_mb), threads=args.threads) as server, \
             RemoteScorer(server.address, spec, retry_seconds=0, max_message_bytes=limit, timeout=3600) as remote:
@@ -89,10 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args(argv)
 
-    from dataselect.client.data import load_dataset
+    from dataselect.datasets import open_dataset
 
     sizes = _ints(args.sizes)
-    data = load_dataset("mnist", args.data_dir, download=False, train_subset=max(sizes + _ints(args.grad_sizes)))
+    data = open_dataset("mnist", args.data_dir, download=False, train_subset=max(sizes + _ints(args.grad_sizes)))
     rows = []
     for label in [m for m in args.models.split(",") if m]:
         if label not in MODELS:

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from dataselect import codec
-    from dataselect.client.data import load_dataset
+    from dataselect.datasets import open_dataset
     from dataselect.client.remote import RemoteScorer, _progress_msg
     from dataselect.client.scorer import EmbeddedScorer, SessionSpec
     from dataselect.models import build_model
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     from dataselect.v1 import selection_pb2 as pb
 
     torch.set_num_threads(args.threads)
-    data = load_dataset("mnist", args.data_dir, download=False, train_subset=args.pool)
-    ids, x, y = data.train.ids, data.train.inputs, data.train.labels
+    data = open_dataset("mnist", args.data_dir, download=False, train_subset=args.pool)
+    ids, x, y = data.train_tensors.ids, data.train_tensors.inputs, data.train_tensors.labels
     budget = max(1, int(args.pool * args.fraction))
     kwargs = data.info.model_kwargs()
     spec = SessionSpec(args.strategy, {}, args.model, kwargs, num_classes=data.info.num_classes, seed=0,

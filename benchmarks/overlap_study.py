@@ -389,7 +389,7 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
     model = build_model("cnn-small", **kwargs)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    xs, ys = data.train.inputs, data.train.labels
+    xs, ys = data.train_tensors.inputs, data.train_tensors.labels
     scorer = Scorer(model, opt, fix, cfg, xs, ys, kwargs)
     gen = torch.Generator().manual_seed(cfg.seed)  # random mixing
     sb = SelectiveBackprop(torch.Generator().manual_seed(cfg.seed + 7), cfg.sb_rule) if variable else None
@@ -671,7 +671,7 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
         train_step(buffer)
         buffer.clear()
     wall = time.perf_counter() - t_run
-    acc, test_loss = evaluate(model, data.test.inputs, data.test.labels)
+    acc, test_loss = evaluate(model, data.test_tensors.inputs, data.test_tensors.labels)
     steps = st["steps"]
     after = counts["pools_hidden"] + counts["pools_fresh_after_initial"]
     out = {"key": cfg.key(), **asdict(cfg), "test_accuracy": acc, "test_loss": test_loss, "steps": steps,
@@ -703,9 +703,9 @@ def run(cfg: RunConfig, data, *, trace: Probe | None = None, log=None) -> dict:
 
 # -- commands ---------------------------------------------------------------------------------------
 def load(train_subset: int, data_dir: str):
-    from dataselect.client.data import load_dataset
+    from dataselect.datasets import open_dataset
 
-    return load_dataset("mnist", data_dir, download=False, train_subset=train_subset)
+    return open_dataset("mnist", data_dir, download=False, train_subset=train_subset)
 
 
 def done_keys(path: Path) -> set[str]:
@@ -745,7 +745,7 @@ def cmd_trace(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load(args.train_subset, args.data_dir)
-    probe = Probe(data.test.inputs[:1000], data.test.labels[:1000])
+    probe = Probe(data.test_tensors.inputs[:1000], data.test_tensors.labels[:1000])
     runs = {}
     for fx in args.fixes:
         cfg = RunConfig(args.strategy, args.fraction, args.seed, fx, sync_every=args.sync_every,
@@ -877,9 +877,9 @@ def cmd_check(args) -> None:
 def cmd_ci(args) -> None:
     """The proposed CI test as a probe: few MNIST (or synthetic) images, stale high_loss against the fix."""
     if args.dataset == "synthetic":
-        from dataselect.client.data import load_dataset
+        from dataselect.datasets import open_dataset
 
-        data = load_dataset("synthetic", train_subset=args.train_subset)
+        data = open_dataset("synthetic", train_subset=args.train_subset)
     else:
         data = load(args.train_subset, args.data_dir)
     rows = []
@@ -915,7 +915,7 @@ def product_run(data, strategy: str, fraction: float, seed: int, overlap: bool, 
                                  ramp_steps=ramp_steps, seed=seed, device="cpu")
     t0 = time.perf_counter()
     try:
-        loader = session.loader(TensorDataset(data.train.inputs, data.train.labels), batch_size=batch_size)
+        loader = session.loader(TensorDataset(data.train_tensors.inputs, data.train_tensors.labels), batch_size=batch_size)
         model.train()
         for x, y in loader:
             loss = session.loss(model(x), y)
@@ -927,18 +927,18 @@ def product_run(data, strategy: str, fraction: float, seed: int, overlap: bool, 
     finally:
         session.close()
     model.eval()
-    acc, test_loss = evaluate(model, data.test.inputs, data.test.labels)
+    acc, test_loss = evaluate(model, data.test_tensors.inputs, data.test_tensors.labels)
     return {"strategy": strategy, "fraction": fraction, "seed": seed, "overlap": overlap, "ramp_steps": ramp_steps,
-            "train_subset": len(data.train.labels), "test_images": len(data.test.labels), "accuracy": acc,
+            "train_subset": len(data.train_tensors.labels), "test_images": len(data.test_tensors.labels), "accuracy": acc,
             "test_loss": test_loss, "steps": steps, "seconds": time.perf_counter() - t0,
             "overlap_figures": figures}
 
 
 def cmd_product(args) -> None:
     """The proposed CI collapse test through the product: Session(overlap=True) with the ramp off and on."""
-    from dataselect.client.data import load_dataset
+    from dataselect.datasets import open_dataset
 
-    data = load_dataset("mnist", args.data_dir, download=False, train_subset=args.train_subset,
+    data = open_dataset("mnist", args.data_dir, download=False, train_subset=args.train_subset,
                         test_subset=args.test_subset or None)
     rows = []
     for variant in args.variants:

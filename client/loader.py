@@ -92,8 +92,8 @@ class TensorData:
         return self.ids, (self.inputs if inputs else None), self.labels
 
 
-class _Indexed(torch.utils.data.Dataset):
-    """Items of `dataset` as (position, input, target)."""
+class WithIds(torch.utils.data.Dataset):
+    """Items of a data set as `(input, target, index)`: a DataLoader over it gives every batch its ids."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -105,13 +105,13 @@ class _Indexed(torch.utils.data.Dataset):
         item = self.dataset[i]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise InvalidArgument(f"data set items must be (input, target) pairs; item {i} is {type(item).__name__}")
-        return i, item[0], item[1]
+        return item[0], item[1], i
 
 
 def _collate(items):
-    pos = torch.tensor([i for i, _, _ in items], dtype=torch.long)
-    x = torch.stack([torch.as_tensor(x) for _, x, _ in items])
-    y = torch.as_tensor([int(t) for _, _, t in items], dtype=torch.long)
+    x = torch.stack([torch.as_tensor(x) for x, _, _ in items])
+    y = torch.as_tensor([int(t) for _, t, _ in items], dtype=torch.long)
+    pos = torch.tensor([i for _, _, i in items], dtype=torch.long)
     return pos, x, y
 
 
@@ -143,7 +143,7 @@ class LoaderData:
 
     def _load(self, parts, dataset):
         extra = {} if self.num_workers == 0 or self.prefetch_factor is None else {"prefetch_factor": self.prefetch_factor}
-        loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_sampler=[p.tolist() for p in parts],
+        loader = torch.utils.data.DataLoader(WithIds(dataset), batch_sampler=[p.tolist() for p in parts],
                                              num_workers=self.num_workers, collate_fn=_collate,
                                              pin_memory=self.pin_memory, **extra)
         return iter(loader)
@@ -471,22 +471,6 @@ class SelectionLoader:
         sel = state.get("selection")
         self.selection = None if sel is None else _Selection(sel["positions"].long(), sel["weights"])
         self.last_selection_size = int(state.get("last_selection_size", 0))
-
-
-
-
-class WithIds(torch.utils.data.Dataset):
-    """Items of a data set as `(input, target, index)`: a DataLoader over it gives every batch its ids."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        item = self.dataset[i]
-        return item[0], item[1], i
 
 
 class SelectionSampler(torch.utils.data.Sampler):

@@ -163,16 +163,16 @@ def test_a_session_refuses_what_it_cannot_do_with_the_fix_in_the_message():
 def test_the_same_loop_scores_on_a_server_with_the_same_selections(server, strategy):
     """A registered model (made by dataselect.build_model) is one a server can build; with overlap off,
     the remote run makes exactly the embedded run's selections."""
-    from dataselect.client.data import load_dataset
+    from dataselect.datasets import open_dataset
 
-    data = load_dataset("synthetic", train_subset=400)
+    data = open_dataset("synthetic", train_subset=400)
     digests, accuracy = {}, {}
     for where in (None, server.address):
         torch.manual_seed(0)
         model = dataselect.build_model("mlp", **data.info.model_kwargs())
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         session = dataselect.Session(strategy, model, epochs=2, server=where, overlap=False)
-        loader = session.loader(data.train, batch_size=32)
+        loader = session.loader(data.train_tensors, batch_size=32)
         with session:
             for _ in range(2):
                 for x, y in loader:
@@ -182,7 +182,7 @@ def test_the_same_loop_scores_on_a_server_with_the_same_selections(server, strat
                     opt.step()
         assert session.remote == (where is not None)
         digests[where] = session.digest.hexdigest()
-        accuracy[where] = _accuracy(model, data.test.inputs, data.test.labels)
+        accuracy[where] = _accuracy(model, data.test_tensors.inputs, data.test_tensors.labels)
     assert digests[None] == digests[server.address]
     assert accuracy[None] == accuracy[server.address] > 0.5
 

@@ -234,28 +234,6 @@ def test_a_taken_or_invalid_dataset_name_is_refused_naming_both_plugins():
 # -- the in-memory built-ins ----------------------------------------------------------------------------
 
 
-def test_synthetic_is_todays_tensors_and_subsets_are_the_first_n():
-    data = pytest.importorskip("dataselect.client.data")
-    old = data.load_dataset("synthetic", train_subset=300, test_subset=50)  # the trainer's data, whatever the seed
-    for seed in (0, 5):
-        new = open_dataset("synthetic", seed=seed, train_subset=300, test_subset=50)
-        for a, b in ((old.train, new.train_tensors), (old.test, new.test_tensors)):
-            assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels) and torch.equal(a.ids, b.ids)
-        assert new.train is new.train_plain is new.train_tensors  # MNIST-like: no augmentation
-        assert new.augment_batch is None and new.info.augmentation == "none"
-        assert new.info.model_kwargs() == old.info.model_kwargs()
-
-
-@needs_mnist
-def test_mnist_is_todays_tensors():
-    data = pytest.importorskip("dataselect.client.data")
-    old = data.load_dataset("mnist", MNIST_DIR, download=False, train_subset=1000, test_subset=100)
-    new = open_dataset("mnist", MNIST_DIR, download=False, train_subset=1000, test_subset=100)
-    assert torch.equal(old.train.inputs, new.train_tensors.inputs) and torch.equal(old.train.ids, new.train_tensors.ids)
-    assert torch.equal(old.test.labels, new.test_tensors.labels)
-    assert new.info.model_kwargs() == old.info.model_kwargs()
-
-
 def test_cifar10_reads_the_batch_files_with_crop_and_flip(tmp_path):
     written = make_cifar(tmp_path)
     source = open_dataset("cifar10", tmp_path, download=False)

@@ -53,7 +53,6 @@ KNOWN_DEFERRED = {
     "core/exported.py: torch._export.serde.serialize",
     "core/models.py: torchvision.models",
     "core/proxy.py: torch.utils.flop_counter",
-    "client/data.py: torchvision",
     "plugins/builtin_datasets.py: torchvision",
 }
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dataselect.checkpoint import make_checkpoint
-from dataselect.client.data import load_dataset
+from dataselect.datasets import open_dataset
 from dataselect.client.remote import RemoteScorer
 from dataselect.client.scorer import EmbeddedScorer, SessionSpec
 from dataselect.client.train import TrainConfig, train
@@ -118,8 +118,8 @@ def test_proxy_loss_gradients_reach_exactly_the_shared_entries(name):
 @pytest.mark.parametrize("joint", [True, False])
 def test_joint_training_trains_the_proxy(joint):
     """With the proxy's loss term its sub-network learns the batch; training the full model alone does not teach it."""
-    data = load_dataset("synthetic", None, train_subset=128, test_subset=10)
-    x, y = data.train.inputs, data.train.labels
+    data = open_dataset("synthetic", None, train_subset=128, test_subset=10)
+    x, y = data.train_tensors.inputs, data.train_tensors.labels
     full = _trained_looking("cnn-small").train()
     slim = build_proxy("cnn-small", KWARGS, 0.5, full=full).train()
     opt = torch.optim.Adam(full.parameters(), lr=2e-3)

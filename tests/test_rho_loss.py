@@ -133,9 +133,9 @@ def _data(n=500, d=20, classes=4, seed=0):
 
 
 def _run(server=None, epochs=2, state=None, **kw):
-    from dataselect.client.data import load_dataset
+    from dataselect.datasets import open_dataset
 
-    data = load_dataset("synthetic", train_subset=400)
+    data = open_dataset("synthetic", train_subset=400)
     torch.manual_seed(0)
     model = dataselect.build_model("mlp", **data.info.model_kwargs())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -143,7 +143,7 @@ def _run(server=None, epochs=2, state=None, **kw):
                                  options={"holdout": 0.2, "il_epochs": 2}, **kw)
     if state is not None:
         session.load_state_dict(state)
-    loader = session.loader(data.train, batch_size=16)
+    loader = session.loader(data.train_tensors, batch_size=16)
     trained = []
     with session:
         for _ in range(epochs):
@@ -155,7 +155,7 @@ def _run(server=None, epochs=2, state=None, **kw):
                 opt.step()
         scoring = getattr(session.scorer, "session", None)  # embedded: the model the scorer holds
         held = None if scoring is None else {k: v.clone() for k, v in scoring.irreducible.module.state_dict().items()}
-    return session, torch.cat(trained), data.train.ids, held
+    return session, torch.cat(trained), data.train_tensors.ids, held
 
 
 def test_the_loader_trains_the_irreducible_model_on_the_holdout_and_counts_it_as_selection_cost():
