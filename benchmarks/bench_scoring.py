@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         label = name + "".join(f" {k}={v}" for k, v in opts.items())
         s = ScoringSession(name, opts, args.model, kw, num_classes=10, device=device, micro_batch=args.micro_batch)
         s.load_state_dict(state, 1)
-        if s.selector.uses_reports:  # give report-driven strategies their history (not timed)
+        if s.strategy_object.uses_reports:  # give report-driven strategies their history (not timed)
             for e in range(3):
                 s.report(ids, torch.rand(args.pool), None, None, Progress(epoch=e, total_epochs=10))
         progress = Progress(epoch=3, total_epochs=10)

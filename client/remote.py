@@ -39,16 +39,14 @@ from dataselect import codec
 from dataselect.checkpoint import CHECKPOINT_DTYPES, FORMAT, to_bytes
 from dataselect.client.scorer import EmbeddedScorer, ScoreReply, ScorerCounters, SessionInfo, SessionSpec
 from dataselect.errors import DataselectError, FailedPrecondition, InvalidArgument, NotFound
-from dataselect.names import SLIM_PROXY
+from dataselect.names import DEFAULT_MAX_MESSAGE_BYTES, ON_SERVER_FAILURE, SLIM_PROXY, message_size_options
 from dataselect.status import error_for
 from dataselect.strategy import AuxiliaryLoss, Progress
 from dataselect.v1 import selection_pb2 as pb
 from dataselect.v1 import selection_pb2_grpc as pb_grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 CHECKPOINT_CHUNK_BYTES = 2**20
 TOKEN_ENV = "DATASELECT_TOKEN"
-ON_SERVER_FAILURE = ("retry", "fallback")
 
 log = logging.getLogger("dataselect.client")
 T = TypeVar("T")
@@ -186,11 +184,10 @@ class RemoteScorer:
         if token is None:
             token = os.environ.get(TOKEN_ENV, "").strip() or None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_send_message_length", self.max_message_bytes),
-                   ("grpc.max_receive_message_length", self.max_message_bytes),
-                   # Notice a restarted server within about a second, not grpc's default of up to 2 minutes.
-                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        options = message_size_options(self.max_message_bytes) + [
+            # Notice a restarted server within about a second, not grpc's default of up to 2 minutes.
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000)]
         self._resources = contextlib.ExitStack()
         if tls_ca is not None:
             try:

@@ -68,6 +68,7 @@ from dataselect.client.scorer import (
     average_diagnostics,
 )
 from dataselect.errors import DataselectError, InvalidArgument, PluginError
+from dataselect.names import ON_SERVER_FAILURE
 from dataselect.policies import apply_policy
 from dataselect.registry import get_strategy
 from dataselect.strategy import Progress
@@ -179,8 +180,9 @@ class ReplicatedScorer:
                  **remote_kwargs):
         if not addresses:
             raise InvalidArgument("ReplicatedScorer needs at least one replica address")
-        if on_server_failure not in ("retry", "fallback"):
-            raise InvalidArgument(f"on_server_failure must be retry or fallback, got {on_server_failure!r}")
+        if on_server_failure not in ON_SERVER_FAILURE:
+            raise InvalidArgument(f"on_server_failure must be one of {', '.join(ON_SERVER_FAILURE)}, "
+                                  f"got {on_server_failure!r}")
         if merge is not None and merge not in MERGES:
             raise InvalidArgument(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
         self.addresses = list(addresses)

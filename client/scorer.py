@@ -126,13 +126,13 @@ class EmbeddedScorer:
             precision=precision, channels_last=channels_last, compile=compile, input_scale=spec.input_scale,
             last_layer=spec.last_layer, input_shape=spec.input_shape, model_label=spec.model_name,
         )
-        cls = type(self.session.selector)
+        cls = type(self.session.strategy_object)
         self.info = SessionInfo(
-            session_id="embedded", strategy=spec.strategy, resolved_options=dict(self.session.selector.opts),
+            session_id="embedded", strategy=spec.strategy, resolved_options=dict(self.session.strategy_object.opts),
             default_mode=cls.default_mode, policy=self.session.policy, device=str(self.session.device),
             signals=sorted(self.session.signals), uses_reports=cls.uses_reports,
         )
-        self.info.auxiliary_loss = self.session.selector.auxiliary_loss
+        self.info.auxiliary_loss = self.session.strategy_object.auxiliary_loss
         self.counters = ScorerCounters()
 
     def push_checkpoint(self, model: nn.Module, version: int, step: int) -> None:

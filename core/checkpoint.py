@@ -56,37 +56,50 @@ TENSOR_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.f
 MAX_ARCHIVE_ENTRIES = 100_000
 
 
+def stored_zip(data: bytes, what: str, fix: str, max_entries: int) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """Open a zip archive whose entries must all be stored, before anything is decompressed or allocated.
+
+    A crafted archive of compressed entries (a few MB that inflate to GiBs), of
+    encrypted ones, or of entries that overlap and so count the same bytes many
+    times is refused, so the bytes unpacked are bounded by the bytes received.
+    Errors name `what` and end with `fix`.
+    """
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except Exception as exc:  # BadZipFile, but also ValueError, OSError, EOFError... on crafted headers
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InvalidArgument(f"{what} could not be read as a zip archive (truncated or damaged: "
+                              f"{type(exc).__name__}: {first}); {fix}") from None
+    if len(infos) > max_entries:
+        raise InvalidArgument(f"{what} refused: its archive holds {len(infos)} entries (at most {max_entries})")
+    total = 0
+    for e in infos:
+        if e.compress_type != zipfile.ZIP_STORED or e.file_size != e.compress_size:
+            raise InvalidArgument(f"{what} refused: archive entry {e.filename[:100]!r} is compressed "
+                                  f"({e.compress_size} bytes that unpack to {e.file_size}); only stored entries "
+                                  f"are accepted, nothing is decompressed; {fix}")
+        if e.flag_bits & 0x1:
+            raise InvalidArgument(f"{what} refused: archive entry {e.filename[:100]!r} is encrypted; {fix}")
+        total += e.file_size
+    if total > len(data):
+        raise InvalidArgument(f"{what} refused: its archive entries add up to {total} bytes, more than the "
+                              f"{len(data)} bytes received (overlapping or forged sizes); {fix}")
+    return zf, infos
+
+
 def check_archive(data: bytes) -> None:
     """Refuse, before anything is decompressed or allocated, an archive that would unpack to more than it is.
 
-    torch.save writes a zip of *stored* (uncompressed) entries. A crafted archive of
-    compressed entries (a few MB that inflate to GiBs), or of entries that overlap and
-    so count the same bytes many times, is refused here, so the bytes unpacked are
-    bounded by the bytes received. The legacy (pre-zip) format is refused too: it
+    torch.save writes a zip of *stored* (uncompressed) entries; anything else is
+    refused by `stored_zip`. The legacy (pre-zip) format is refused too: it
     allocates the sizes its pickle declares before reading any data.
     """
     if not data.startswith(b"PK"):
         raise InvalidArgument("checkpoint refused: it is not a torch.save zip archive (random bytes, a bare pickle "
                               "or the legacy pre-1.6 format); save it with torch.save and load it with "
                               "weights_only=True")
-    try:
-        entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
-        raise InvalidArgument(f"checkpoint could not be read (truncated or not a torch.save file): "
-                              f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    if len(entries) > MAX_ARCHIVE_ENTRIES:
-        raise InvalidArgument(f"checkpoint refused: its archive holds {len(entries)} entries "
-                              f"(at most {MAX_ARCHIVE_ENTRIES})")
-    total = 0
-    for e in entries:
-        if e.compress_type != zipfile.ZIP_STORED or e.file_size != e.compress_size:
-            raise InvalidArgument(f"checkpoint refused: archive entry {e.filename[:100]!r} is compressed "
-                                  f"({e.compress_size} bytes that unpack to {e.file_size}); torch.save writes "
-                                  "uncompressed entries, save the checkpoint with torch.save")
-        total += e.file_size
-    if total > len(data):
-        raise InvalidArgument(f"checkpoint refused: its archive entries add up to {total} bytes, more than the "
-                              f"{len(data)} bytes received (overlapping entries); save it with torch.save")
+    stored_zip(data, "checkpoint", "save the checkpoint with torch.save", MAX_ARCHIVE_ENTRIES)
 
 
 def from_bytes(data: bytes) -> Any:

@@ -117,6 +117,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dataselect.checkpoint import stored_zip
 from dataselect.errors import InvalidArgument
 
 FORMAT = "dataselect-exported-program"
@@ -163,34 +164,17 @@ _EXTRA_ATEN = frozenset({"_assert_scalar.default", "_assert_tensor_metadata.defa
 def _stored_entries(blob: bytes, what: str, expected: tuple[str, ...] | None = None,
                     limits: dict[str, int] | None = None) -> dict[str, bytes]:
     """The entries of a zip whose entries are all stored, read after checking their sizes."""
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(blob))
-        infos = zf.infolist()
-    except Exception as e:
-        raise InvalidArgument(f"{what} is not a readable zip archive ({_first_line(e)}); "
-                              "make it with dataselect.exported.export_model") from None
+    zf, infos = stored_zip(blob, what, "make it with dataselect.exported.export_model", MAX_TENSORS + 16)
     names = [i.filename for i in infos]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"{what} has duplicate entries")
     if expected is not None and sorted(names) != sorted(expected):
         raise InvalidArgument(f"{what} must hold exactly {', '.join(expected)}; it holds "
                               f"{', '.join(n[:80] for n in names[:10]) or 'nothing'}")
-    total = 0
     for i in infos:
-        if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size:
-            raise InvalidArgument(f"{what}: entry {i.filename[:80]!r} is compressed; only stored entries are "
-                                  "accepted (nothing is decompressed)")
-        if i.flag_bits & 0x1:
-            raise InvalidArgument(f"{what}: entry {i.filename[:80]!r} is encrypted")
         limit = (limits or {}).get(i.filename)
         if limit is not None and i.file_size > limit:
             raise InvalidArgument(f"{what}: entry {i.filename!r} is {i.file_size} bytes, over its limit of {limit}")
-        total += i.file_size
-    if total > len(blob):
-        raise InvalidArgument(f"{what}: its entries claim {total} bytes in a {len(blob)}-byte archive "
-                              "(overlapping or forged sizes)")
-    if len(infos) > MAX_TENSORS + 16:
-        raise InvalidArgument(f"{what} has {len(infos)} entries, over the limit of {MAX_TENSORS + 16}")
     out = {}
     try:
         for i in infos:

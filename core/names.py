@@ -41,6 +41,18 @@ ON_SERVER_FAILURE = ("retry", "fallback")
 #: Learning-rate schedules of `dataselect-train` (`--lr-schedule`).
 SCHEDULES = ("constant", "cosine", "onecycle")
 
+#: The largest gRPC message either end sends or accepts unless told otherwise (`dataselect-server
+#: --max-message-mb`, `RemoteScorer(max_message_bytes=...)`); both ends must agree.
+DEFAULT_MAX_MESSAGE_MB = 64
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_MB * 2**20
+
+
+def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel and server options for the message-size limit (the same on both ends)."""
+    return [("grpc.max_send_message_length", int(max_message_bytes)),
+            ("grpc.max_receive_message_length", int(max_message_bytes))]
+
+
 #: Words a boolean option or flag may be written as (any case, surrounding spaces ignored).
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

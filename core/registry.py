@@ -188,10 +188,10 @@ def _run_hook(plugin: Any, plugin_name: str, hook: str, register: Callable) -> N
 
 def _strategy_register(into: dict, plugin: str, dist: str, version: str) -> Callable:
     def register(cls: type) -> None:
-        if not (isinstance(cls, type) and getattr(cls, "__dataselect_selector__", False)):
+        if not (isinstance(cls, type) and getattr(cls, "__dataselect_strategy__", False)):
             raise InvalidArgument(f"plugin {plugin!r} registered {cls!r}, which is not a Strategy subclass")
         if not cls.name or not cls.name.replace("_", "").replace("-", "").isalnum():
-            raise InvalidArgument(f"plugin {plugin!r}: selector {cls.__name__} needs a name of letters, digits, '_' or '-'")
+            raise InvalidArgument(f"plugin {plugin!r}: strategy {cls.__name__} needs a name of letters, digits, '_' or '-'")
         if cls.name in into:
             raise InvalidArgument(
                 f"strategy name {cls.name!r} registered twice: by {into[cls.name].plugin!r} and by {plugin!r}"

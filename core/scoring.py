@@ -131,13 +131,14 @@ class ScoringSession:
         if not 0 <= int(seed) < 2**64:
             raise InvalidArgument(f"seed must lie in [0, 2**64), got {seed}")
         self.strategy = strategy
-        self.plugin_label = f"strategy {strategy!r}"
+        # Name the registering plugin too, so a failing third-party strategy is easy to trace.
+        self.plugin_label = f"strategy {strategy!r} (plugin {strategies()[strategy].plugin!r})"
         self.context = SessionContext(
             num_classes=num_classes, dataset=dataset, dataset_size=dataset_size, seed=seed,
             generator=torch.Generator().manual_seed(int(seed)),
         )
         try:
-            self.selector = cls(options or {}, self.context)
+            self.strategy_object = cls(options or {}, self.context)
         except DataselectError:
             raise
         except Exception as exc:
@@ -172,19 +173,19 @@ class ScoringSession:
         if compile:
             self._compile()
         self.proxy: SessionProxy | None = None
-        if getattr(self.selector, "proxy_width_ratio", None) is not None:
+        if getattr(self.strategy_object, "proxy_width_ratio", None) is not None:
             if not self.registered:
                 raise InvalidArgument(f"strategy {strategy!r} scores with a parameter-sharing proxy, which needs a "
                                       "registered model with a slim sub-network (cnn-small, cnn-deep, mlp); this "
                                       "session's model is not one: use proxy=none")
             # DynaMS PSP: the signals come from the model's slim sub-network (dataselect.proxy).
             self.proxy = SessionProxy(
-                self.model_name, self.model_kwargs, self.selector.proxy_width_ratio, self.model, self.device,
-                loss_weight=self.selector.proxy_loss_weight, agreement_sample=self.selector.proxy_agreement_sample,
+                self.model_name, self.model_kwargs, self.strategy_object.proxy_width_ratio, self.model, self.device,
+                loss_weight=self.strategy_object.proxy_loss_weight, agreement_sample=self.strategy_object.proxy_agreement_sample,
                 input_shape=self.input_shape, who=f"strategy {strategy!r} (parameter-sharing proxy)")
             if self.channels_last:  # the same memory format as the model it stands in for
                 self.proxy.model = self.proxy.model.to(memory_format=torch.channels_last)
-        self.signals = frozenset(self.selector.signals)
+        self.signals = frozenset(self.strategy_object.signals)
         #: The signals the engine computes; the rest (SESSION_SIGNALS) come from this session.
         self.engine_signals = self.signals - SESSION_SIGNALS
         #: RHO-LOSS's irreducible-loss model (pushed by the trainer, see `load_irreducible`) and its
@@ -558,13 +559,13 @@ class ScoringSession:
         """Run the strategy; whatever it gets wrong becomes a PluginError naming it and its plugin."""
         try:
             try:
-                if self.selector.select_kind == "score_then_policy":
+                if self.strategy_object.select_kind == "score_then_policy":
                     # The default select: check score()'s output before a policy indexes with it.
-                    scores = self.selector.score(pool)
+                    scores = self.strategy_object.score(pool)
                     self._check_scores(scores, len(pool))
-                    sel = apply_policy(policy, scores, pool.labels, budget, self.selector.context.generator)
+                    sel = apply_policy(policy, scores, pool.labels, budget, self.strategy_object.context.generator)
                 else:
-                    sel = self.selector.select(pool, budget, policy)
+                    sel = self.strategy_object.select(pool, budget, policy)
             except DataselectError:
                 raise
             except Exception as exc:
@@ -598,8 +599,8 @@ class ScoringSession:
         returned, are one finite value per pool sample.
         """
         label = self.plugin_label
-        exact = bool(getattr(self.selector, "exact_budget", True)) and policy not in VARIABLE_SIZE_POLICIES
-        repeats = bool(getattr(self.selector, "with_replacement", False))
+        exact = bool(getattr(self.strategy_object, "exact_budget", True)) and policy not in VARIABLE_SIZE_POLICIES
+        repeats = bool(getattr(self.strategy_object, "with_replacement", False))
         if not isinstance(sel, Selection):
             raise PluginError(f"{label} returned {type(sel).__name__} instead of a Selection")
         idx = torch.as_tensor(sel.indices).long().flatten()
@@ -650,10 +651,10 @@ class ScoringSession:
         t0 = time.perf_counter()
         with self.lock:
             self._check_open()
-            if not self.selector.uses_reports:
+            if not self.strategy_object.uses_reports:
                 return 0.0
             try:
-                self.selector.on_report(Report(
+                self.strategy_object.on_report(Report(
                     ids.long(), losses.float(), None if true_class_probs is None else true_class_probs.float(),
                     None if correct is None else correct.bool(), progress or Progress()))
             except DataselectError:
@@ -670,7 +671,7 @@ class ScoringSession:
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            self.selector = None  # type: ignore[assignment]
+            self.strategy_object = None  # type: ignore[assignment]
             self.model = None  # type: ignore[assignment]
             self.proxy = None
             self.irreducible = None

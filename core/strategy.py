@@ -190,7 +190,7 @@ class Strategy:
     """
 
     #: Marks strategy classes for the plugin manager, which checks registrations without importing torch.
-    __dataselect_selector__: ClassVar[bool] = True
+    __dataselect_strategy__: ClassVar[bool] = True
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     #: Training mode the trainer uses unless told otherwise: online|subset|weighted.

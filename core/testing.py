@@ -99,11 +99,11 @@ def _report(session: ScoringSession, chunk: PoolChunk, epoch: int, total_epochs:
 
 
 def _check_selection(session: ScoringSession, chunk: PoolChunk, budget: int, result) -> None:
-    selector = session.selector
+    strategy = session.strategy_object
     name = session.strategy
     chosen = result.selected_ids
-    exact = getattr(selector, "exact_budget", True)
-    repeats = getattr(selector, "with_replacement", False)
+    exact = getattr(strategy, "exact_budget", True)
+    repeats = getattr(strategy, "with_replacement", False)
     if exact and chosen.numel() != budget:
         raise ConformanceError(f"{name}: selected {chosen.numel()} ids for a budget of {budget}")
     if not exact and not 0 <= chosen.numel() <= budget:
@@ -139,7 +139,7 @@ def check_determinism(strategy: str, options: dict[str, Any]) -> None:
         session = _session(strategy, options, seed=123)
         picks = []
         for epoch in range(3):
-            if session.selector.uses_reports:
+            if session.strategy_object.uses_reports:
                 _report(session, chunk, epoch, 4)
             picks.append(_select(session, chunk, 24, epoch=epoch).selected_ids.tolist())
         runs.append(picks)
@@ -158,15 +158,15 @@ def check_micro_batching(strategy: str, options: dict[str, Any]) -> None:
 
 def check_state_survives_checkpoints(strategy: str, options: dict[str, Any]) -> None:
     session = _session(strategy, options, seed=9)
-    selector = session.selector
+    instance = session.strategy_object
     chunk = _pool(80, seed=11)
     for epoch in range(4):
-        if selector.uses_reports:
+        if instance.uses_reports:
             _report(session, chunk, epoch, 4)
         _check_selection(session, chunk, 20, _select(session, chunk, 20, epoch=epoch))
         model = build_model(TINY_MODEL, **TINY_KWARGS)
         session.load_checkpoint(make_checkpoint(TINY_MODEL, TINY_KWARGS, model, version=epoch + 2), version=epoch + 2)
-        if session.selector is not selector:
+        if session.strategy_object is not instance:
             raise ConformanceError(f"{strategy}: a checkpoint update replaced the strategy instance (state lost)")
 
 

@@ -10,7 +10,7 @@ from dataselect.policies import apply_policy
 from dataselect.strategy import Pool, Selection, Strategy
 
 
-class RandomSelector(Strategy):
+class RandomStrategy(Strategy):
     """Uniform sample without replacement: the baseline. Needs no forward pass."""
 
     name = "random"
@@ -29,7 +29,7 @@ class RandomSelector(Strategy):
                             self.context.generator)
 
 
-class HighLossSelector(Strategy):
+class HighLossStrategy(Strategy):
     """The highest per-sample cross-entropy of the scoring pass (eval mode) first.
 
     The deterministic top-k form of the "biggest losers" idea of Jiang et al.
@@ -48,7 +48,7 @@ class HighLossSelector(Strategy):
 
 
 def _builtin_strategies() -> list[type[Strategy]]:
-    return [RandomSelector, HighLossSelector, *STRATEGIES]
+    return [RandomStrategy, HighLossStrategy, *STRATEGIES]
 
 
 @hookimpl

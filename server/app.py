@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dataselect import registry
 from dataselect.engine import parse_micro_batch, resolve_channels_last, resolve_device, resolve_precision
 from dataselect.errors import DataselectError, InvalidArgument
+from dataselect.names import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from dataselect.server.auth import AuthInterceptor, read_tokens
 from dataselect.server.interceptors import DEFAULT_STREAM_IDLE_SECONDS, ErrorMappingInterceptor, InFlightLimit
 from dataselect.server.reflection import enable_reflection
@@ -35,7 +36,6 @@ from dataselect.v1 import selection_pb2_grpc as pb_grpc
 log = logging.getLogger("dataselect.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selection"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 DEFAULT_MAX_QUEUE = 64
 #: Threads beyond the in-flight limit, so health checks and rejections never wait for a thread.
 SPARE_THREADS = 4
@@ -55,14 +55,6 @@ def default_memory_budget() -> int | None:
 
 class AddressInUse(DataselectError):
     """The server could not bind its address (port taken or host not local)."""
-
-
-def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Channel/server options for the message-size limit (the same on both ends)."""
-    return [
-        ("grpc.max_send_message_length", int(max_message_bytes)),
-        ("grpc.max_receive_message_length", int(max_message_bytes)),
-    ]
 
 
 def format_address(host: str, port: int) -> str:

@@ -7,7 +7,7 @@ import logging
 import click
 
 from dataselect.errors import DataselectError
-from dataselect.names import PRECISIONS, parse_micro_batch
+from dataselect.names import DEFAULT_MAX_MESSAGE_MB, PRECISIONS, parse_micro_batch
 
 #: Defaults for --malloc-arena-max and --malloc-mmap-threshold-kb (benchmarks/load_test.py --memory-variants
 #: measures them against glibc's defaults).
@@ -31,7 +31,7 @@ class MicroBatch(click.ParamType):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all interfaces).")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--max-message-mb", default=64, show_default=True, type=click.IntRange(1, 2047),
+@click.option("--max-message-mb", default=DEFAULT_MAX_MESSAGE_MB, show_default=True, type=click.IntRange(1, 2047),
               help="Largest gRPC message accepted or sent, in MiB (clients should use the same).")
 @click.option("--micro-batch", default="auto", show_default=True, type=MicroBatch(),
               help="Samples per scoring forward pass; auto sizes it from free GPU memory (1024 off CUDA).")

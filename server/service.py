@@ -278,24 +278,21 @@ class SelectionServicer(pb_grpc.SelectionServicer):
                 model_label=request.model.name, **self.engine_options,
             )
             try:
-                # Name the registering plugin too, so a failing third-party strategy is easy to trace.
-                plugin = strategies()[request.strategy].plugin
-                session.plugin_label = f"strategy {request.strategy!r} (plugin {plugin!r})"
                 session_id = self.store.add(session, principal, reserved=estimate or 0)
             except BaseException:
                 session.close()
                 raise
-        cls = type(session.selector)
+        cls = type(session.strategy_object)
         return pb.OpenSessionResponse(
             session_id=session_id, strategy=request.strategy,
-            resolved_options_json=json.dumps(session.selector.opts), default_mode=cls.default_mode,
+            resolved_options_json=json.dumps(session.strategy_object.opts), default_mode=cls.default_mode,
             policy=session.policy, device=str(session.device),
             # The instance's signals: options may change what a strategy needs (e.g. a gradient scope).
             signals=sorted(session.signals),
             uses_reports=cls.uses_reports,
             proxy=None if session.proxy is None else pb.ProxySpec(width_ratio=session.proxy.ratio,
                                                                   loss_weight=session.proxy.loss_weight),
-            auxiliary_loss=_auxiliary_loss_message(session.selector.auxiliary_loss),
+            auxiliary_loss=_auxiliary_loss_message(session.strategy_object.auxiliary_loss),
         )
 
     def _exported_model(self, spec: pb.ModelSpec, kwargs: dict[str, Any]) -> torch.nn.Module:

@@ -491,6 +491,39 @@ def test_damaged_oversize_and_compressed_archives_are_refused(mlp):
         load_exported("not bytes")
 
 
+def _repacked(data: bytes, *, deflate: bool = False, encrypted: bool = False) -> bytes:
+    """The same entries, deflated, or with every entry flagged as encrypted (all a reader sees before decrypting)."""
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as zf:
+        for info in src.infolist():
+            zf.writestr(info.filename, src.read(info))
+    blob = bytearray(out.getvalue())
+    if encrypted:  # set bit 0 of the flags in each local header (offset 6) and central record (offset 8)
+        zf = zipfile.ZipFile(io.BytesIO(bytes(blob)))
+        at = zf.start_dir
+        for info in zf.infolist():
+            blob[info.header_offset + 6] |= 0x1
+            assert blob[at:at + 4] == b"PK\x01\x02"
+            blob[at + 8] |= 0x1
+            at += 46 + int.from_bytes(blob[at + 28:at + 30], "little") + int.from_bytes(
+                blob[at + 30:at + 32], "little") + int.from_bytes(blob[at + 32:at + 34], "little")
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("kind", ["deflate", "encrypted"])
+def test_checkpoints_and_exported_programs_share_one_archive_guard(mlp, kind):
+    from dataselect.checkpoint import from_bytes
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    word = "compressed" if kind == "deflate" else "encrypted"
+    for load, data, fix in ((from_bytes, buf.getvalue(), "torch.save"),
+                            (load_exported, mlp[2], "export_model")):
+        load(data)  # the untouched archive loads
+        with pytest.raises(InvalidArgument, match=f"refused: archive entry .* is {word}.*{fix}"):
+            load(_repacked(data, **{kind: True}))
+
+
 def junk(rng):
     return rng.choice([None, "", "x", -1, 2**70, 1.5, [], {}, [[[]]], {"as_int": "1"}, True, "NaN"])
 

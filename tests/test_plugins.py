@@ -25,7 +25,7 @@ import dataselect
 from dataselect import plugins as registry
 from dataselect.client.main import cli
 from dataselect.client.remote import RemoteScorer
-from dataselect.client.scorer import SessionSpec
+from dataselect.client.scorer import EmbeddedScorer, SessionSpec
 from dataselect.errors import DataselectError, InvalidArgument, PluginError
 from dataselect.models import Classifier, build_model
 from dataselect.registry import (
@@ -362,9 +362,15 @@ def test_broken_strategy_gives_the_trainer_a_clear_error_and_the_server_stays_up
         with pytest.raises(DataselectError) as info:
             remote.select(ids, inputs, labels, 4, Progress())
     message = str(info.value)
-    assert f"strategy {strategy!r}" in message and "plugin 'broken-plugin'" in message, message
+    assert f"strategy {strategy!r} (plugin 'broken-plugin')" in message, message
     assert re.search(BROKEN[strategy], message), message
     assert "IndexError" not in message
+    # in-process, the same words (one label, made where the strategy is loaded)
+    embedded = EmbeddedScorer(_spec(strategy))
+    embedded.push_checkpoint(model, version=1, step=0)
+    with pytest.raises(DataselectError) as local:
+        embedded.select(ids, inputs, labels, 4, Progress())
+    assert f"strategy {strategy!r} (plugin 'broken-plugin')" in str(local.value), str(local.value)
     # the server is still up and scores for a sound strategy
     with RemoteScorer(server.address, _spec("high_loss"), retry_seconds=0) as remote:
         remote.push_checkpoint(model, version=1, step=0)

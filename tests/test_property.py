@@ -40,12 +40,12 @@ def run(name, opts, n, budget, labels, seed, epoch):
     x = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
     s = session(name, opts, seed)
     progress = Progress(epoch=epoch, total_epochs=4)
-    if s.selector.uses_reports:
+    if s.strategy_object.uses_reports:
         for e in range(epoch + 1):  # reports for a random part of the pool
             part = ids[: max(1, n // 2)]
             s.report(part, torch.rand(part.numel(), generator=g) * 3, None, None, Progress(epoch=e, total_epochs=4))
     res = s.select([PoolChunk(ids=ids, labels=labels, inputs=x)], budget, progress=progress)
-    return ids, res, s.selector
+    return ids, res, s.strategy_object
 
 
 @settings(max_examples=25, deadline=None)

@@ -240,7 +240,7 @@ def test_a_strategy_reports_its_own_diagnostics():
         session = ScoringSession("test-diagnosing", {}, "mlp", KWARGS, num_classes=10)
         ids, x, y = _pool(20)
         assert session.select([PoolChunk(ids, y, None)], 5).diagnostics == {"kept_fraction": 0.25, "note": "hi"}
-        session.selector.bad = True
+        session.strategy_object.bad = True
         with pytest.raises(PluginError, match="diagnostics that are not plain JSON"):
             session.select([PoolChunk(ids, y, None)], 5)
     finally:

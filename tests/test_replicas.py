@@ -157,7 +157,7 @@ def test_per_sample_state_lives_on_the_replica_that_owns_the_id():
     scorer.report(ids, torch.where(hard, 5.0, 0.0), torch.where(hard, 0.0, 1.0), None, Progress())
     own = owners(ids, 2)
     for j, address in enumerate(scorer.addresses):
-        table = made[address].session.selector.table
+        table = made[address].session.strategy_object.table
         assert set(table.row_of) == set(ids[own == j].tolist()), "state must sit on the owner only"
     reply = scorer.select(ids, None, labels, 200, Progress(epoch=1))
     picked_hard = hard[torch.searchsorted(ids, reply.selected_ids)].float().mean()

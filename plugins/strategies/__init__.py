@@ -1,25 +1,25 @@
 """The published strategies beyond the baselines (registered by `plugins.builtin_strategies`)."""
 
-from dataselect.plugins.strategies.glister import GlisterSelector
-from dataselect.plugins.strategies.mrmc import MRMCSelector
+from dataselect.plugins.strategies.glister import GlisterStrategy
+from dataselect.plugins.strategies.mrmc import MRMCStrategy
 from dataselect.plugins.strategies.report_based import (
-    ImportanceSamplingSelector,
-    InfoBatchSelector,
-    SelectiveBackpropSelector,
+    ImportanceSamplingStrategy,
+    InfoBatchStrategy,
+    SelectiveBackpropStrategy,
 )
-from dataselect.plugins.strategies.rho_loss import RhoLossSelector
-from dataselect.plugins.strategies.signal_based import DynaMSSelector, HighGradientSelector, HighInfluenceSelector
-from dataselect.plugins.strategies.tracin import TracInSelector
+from dataselect.plugins.strategies.rho_loss import RhoLossStrategy
+from dataselect.plugins.strategies.signal_based import DynaMSStrategy, HighGradientStrategy, HighInfluenceStrategy
+from dataselect.plugins.strategies.tracin import TracInStrategy
 
 STRATEGIES = [
-    HighGradientSelector,
-    HighInfluenceSelector,
-    DynaMSSelector,
-    MRMCSelector,
-    ImportanceSamplingSelector,
-    SelectiveBackpropSelector,
-    InfoBatchSelector,
-    TracInSelector,
-    GlisterSelector,
-    RhoLossSelector,
+    HighGradientStrategy,
+    HighInfluenceStrategy,
+    DynaMSStrategy,
+    MRMCStrategy,
+    ImportanceSamplingStrategy,
+    SelectiveBackpropStrategy,
+    InfoBatchStrategy,
+    TracInStrategy,
+    GlisterStrategy,
+    RhoLossStrategy,
 ]

@@ -92,7 +92,7 @@ def glister_greedy(errors: torch.Tensor, inputs: torch.Tensor, val_logits: torch
     return torch.tensor(picks, dtype=torch.long), first
 
 
-class GlisterSelector(Strategy):
+class GlisterStrategy(Strategy):
     """GLISTER-ONLINE (Killamsetty et al., AAAI 2021) against a validation share held out of the training ids.
 
     GLISTER picks the training subset S (|S| = k) that most raises the

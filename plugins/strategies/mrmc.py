@@ -41,7 +41,7 @@ def fit_reduction(losses: torch.Tensor, horizon: int) -> torch.Tensor:
     return torch.where(ok, phi, torch.zeros_like(phi))
 
 
-class MRMCSelector(Strategy):
+class MRMCStrategy(Strategy):
     """MRMC / MRMC-R (ICML 2025): a static core-set of the samples whose loss falls most.
 
     Training-side reports during the first `warmup_epochs` epochs (0-based

@@ -35,7 +35,7 @@ def _uniform_subset(kept: torch.Tensor, budget: int, generator: torch.Generator)
     return kept[torch.randperm(kept.numel(), generator=generator)[:budget]].sort().values
 
 
-class ImportanceSamplingSelector(Strategy):
+class ImportanceSamplingStrategy(Strategy):
     """Importance sampling after Quercia et al. (ICDM 2023): SGD biased towards the samples found important early.
 
     Importance w_i = 1 − p_{i,y_i} from the training-side reports (p_{i,y_i},
@@ -123,7 +123,7 @@ class ImportanceSamplingSelector(Strategy):
         return Selection(indices=idx, weights=weights, scores=q.float())
 
 
-class SelectiveBackpropSelector(Strategy):
+class SelectiveBackpropStrategy(Strategy):
     """Selective Backprop (Jiang et al., arXiv 2019): keep each candidate with probability F(ℓ_i)^β.
 
     ℓ_i is the loss of the scoring pass over the pool (eval mode, as in the
@@ -183,7 +183,7 @@ class SelectiveBackpropSelector(Strategy):
         return Selection(indices=kept, scores=keep_p.float())
 
 
-class InfoBatchSelector(Strategy):
+class InfoBatchStrategy(Strategy):
     """InfoBatch (Qin et al., ICLR 2024): prune a random part of the well-learned samples, rescale the rest.
 
     Scores are each sample's latest reported training loss (samples pruned from

@@ -8,7 +8,7 @@ from dataselect.holdout import HoldOut, warn_if_fraction_reaches
 from dataselect.strategy import IrreducibleTraining, Option, Pool, RunPlan, Strategy
 
 
-class RhoLossSelector(Strategy):
+class RhoLossStrategy(Strategy):
     """Reducible holdout loss: the training loss minus the irreducible loss, largest first.
 
     Mindermann et al. (ICML 2022) select, from each large candidate batch, the

@@ -13,7 +13,7 @@ from dataselect.names import SLIM_PROXY
 from dataselect.strategy import AuxiliaryLoss, Option, Pool, RunPlan, Selection, Strategy
 
 
-class HighGradientSelector(Strategy):
+class HighGradientStrategy(Strategy):
     """Largest per-sample gradient norm ‖∇_θ ℓ_i‖₂ first.
 
     Gradient-norm importance as in Katharopoulos & Fleuret (ICML 2018), who
@@ -44,7 +44,7 @@ class HighGradientSelector(Strategy):
         return pool.signals[self.signal]
 
 
-class HighInfluenceSelector(Strategy):
+class HighInfluenceStrategy(Strategy):
     """Largest input-gradient norm ‖∂ℓ_i/∂x_i‖₂ first, x in [0, 1] scale (scoring pass, eval mode).
 
     How strongly a sample's loss reacts to its own input: a cheap sensitivity
@@ -63,7 +63,7 @@ class HighInfluenceSelector(Strategy):
         return pool.signals["input_grad_norm"]
 
 
-class DynaMSSelector(Strategy):
+class DynaMSStrategy(Strategy):
     """DynaMS (Wang et al., ICLR 2023): the samples closest to (or beyond) the decision boundary.
 
     Score = −margin, so top-k takes the k smallest margins. `kind=boundary`

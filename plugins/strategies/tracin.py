@@ -22,7 +22,7 @@ def step_size(schedule: str, progress: Progress) -> float:
     return 1.0
 
 
-class TracInSelector(Strategy):
+class TracInStrategy(Strategy):
     """TracInCP self-influence Σ_k η_k ‖∇_θ ℓ(z; θ_k)‖², summed over the checkpoints θ_k this scorer has seen.
 
     Pruthi et al. (NeurIPS 2020) define the influence of a training sample z on a
