@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dataselect.errors import InvalidArgument
+from dataselect.errors import InvalidArgument, first_line
 from dataselect.models import build_model
 
 FORMAT = "dataselect.checkpoint/1"
@@ -68,9 +68,8 @@ def stored_zip(data: bytes, what: str, fix: str, max_entries: int) -> tuple[zipf
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
     except Exception as exc:  # BadZipFile, but also ValueError, OSError, EOFError... on crafted headers
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise InvalidArgument(f"{what} could not be read as a zip archive (truncated or damaged: "
-                              f"{type(exc).__name__}: {first}); {fix}") from None
+                              f"{first_line(exc, 200)}); {fix}") from None
     if len(infos) > max_entries:
         raise InvalidArgument(f"{what} refused: its archive holds {len(infos)} entries (at most {max_entries})")
     total = 0

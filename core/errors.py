@@ -32,3 +32,10 @@ class PluginError(DataselectError):
 
 class Cancelled(DataselectError):
     """The caller gave up (its deadline passed or it cancelled): the work was stopped (CANCELLED)."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` (cut to `limit` characters), or `Type` alone, for an error message."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line[:limit]}" if line else type(exc).__name__

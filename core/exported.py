@@ -118,7 +118,7 @@ import torch
 from torch import nn
 
 from dataselect.checkpoint import stored_zip
-from dataselect.errors import InvalidArgument
+from dataselect.errors import InvalidArgument, first_line
 
 FORMAT = "dataselect-exported-program"
 FORMAT_VERSION = 1
@@ -180,7 +180,7 @@ def _stored_entries(blob: bytes, what: str, expected: tuple[str, ...] | None = N
         for i in infos:
             out[i.filename] = zf.read(i)
     except Exception as e:
-        raise InvalidArgument(f"{what} is damaged ({_first_line(e)})") from None
+        raise InvalidArgument(f"{what} is damaged ({first_line(e)})") from None
     return out
 
 
@@ -201,7 +201,7 @@ def _load_tensors(blob: bytes, what: str) -> dict[str, torch.Tensor]:
         obj = torch.load(io.BytesIO(fresh.getvalue()), map_location="cpu", weights_only=True)
     except Exception as e:
         raise InvalidArgument(f"{what} is not a dict of plain tensors loadable with weights_only=True "
-                              f"({_first_line(e)})") from None
+                              f"({first_line(e)})") from None
     if type(obj) is not dict:
         raise InvalidArgument(f"{what} must hold a plain dict of tensors, not {type(obj).__name__}")
     if len(obj) > MAX_TENSORS:
@@ -236,17 +236,11 @@ def _write_archive(entries: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {line[:300]}" if line else type(e).__name__
-
-
 def _json(blob: bytes, what: str) -> Any:
     try:
         return json.loads(blob.decode("utf-8"))
     except Exception as e:
-        raise InvalidArgument(f"{what} is not valid UTF-8 JSON ({_first_line(e)})") from None
+        raise InvalidArgument(f"{what} is not valid UTF-8 JSON ({first_line(e)})") from None
 
 
 # -- the operator allowlist ---------------------------------------------------------------------
@@ -961,7 +955,7 @@ def _dry_run(model: ExportedModel) -> None:
     except InvalidArgument:
         raise
     except Exception as e:
-        raise InvalidArgument(f"the program does not run ({_first_line(e)})") from None
+        raise InvalidArgument(f"the program does not run ({first_line(e)})") from None
     model.activation_bytes_per_sample = max(1, -(-produced // batch))
     want_f, want_z = (batch, model.feature_dim), (batch, model.num_classes)
     if not isinstance(features, torch.Tensor) or not isinstance(logits, torch.Tensor) \
@@ -997,7 +991,7 @@ def load_exported(data: bytes, *, max_bytes: int = 2 * 2**30) -> ExportedModel:
     except InvalidArgument:
         raise
     except Exception as e:  # anything unforeseen is still a bad archive, not a server fault
-        raise InvalidArgument(f"the exported model could not be read ({_first_line(e)})") from None
+        raise InvalidArgument(f"the exported model could not be read ({first_line(e)})") from None
     return model.eval()
 
 
@@ -1038,7 +1032,7 @@ def _final_linear(model: nn.Module, x: torch.Tensor, last_layer: str | None) -> 
         with torch.no_grad():
             z = model(x)
     except Exception as e:
-        raise InvalidArgument(f"the model fails on the example input {list(x.shape)} ({_first_line(e)})") from None
+        raise InvalidArgument(f"the model fails on the example input {list(x.shape)} ({first_line(e)})") from None
     finally:
         for h in handles:
             h.remove()
@@ -1108,7 +1102,7 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, *, last_layer: 
             ep = ep.run_decompositions()
         except Exception as e:
             raise InvalidArgument(
-                f"torch.export could not capture {type(model).__name__} ({_first_line(e)}). Make its forward "
+                f"torch.export could not capture {type(model).__name__} ({first_line(e)}). Make its forward "
                 "traceable: no Python branches or loops on tensor values (use torch.where or torch.cond), no "
                 "data-dependent shapes, no code that specialises on the batch size; or register the model by name "
                 "with a plugin instead") from None
